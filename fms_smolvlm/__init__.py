@@ -1,0 +1,15 @@
+"""SmolVLM on IBM's Foundation Model Stack.
+
+Importing this package registers, with FMS's own registries, the architecture ``smolvlm``
+(variants ``256m``, ``500m``, ``2.2b``), its ``hf`` checkpoint adapter, and the HF architectures
+``SmolVLMForConditionalGeneration`` / ``Idefics3ForConditionalGeneration`` for ``get_model("hf_pretrained")``.
+"""
+
+from fms_smolvlm.hf_config import register_hf_architectures
+from fms_smolvlm.smolvlm import CheckpointError, SmolVLM, SmolVLMConfig
+
+register_hf_architectures()
+
+from fms_smolvlm.captioner import CaptionResult, Captioner  # noqa: E402  (needs the registrations above)
+
+__all__ = ["CaptionResult", "Captioner", "CheckpointError", "SmolVLM", "SmolVLMConfig"]

@@ -1,0 +1,212 @@
+"""The one-call API: load a SmolVLM checkpoint through FMS and caption batches of images."""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+import fms.models
+from fms_smolvlm.generation import GenerationEngine, Request, SamplingParams
+from fms_smolvlm.hf_config import HF_ARCHITECTURES
+from fms_smolvlm.processing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ProcessedSample, SmolVLMPreprocessor
+from fms_smolvlm.smolvlm import SmolVLM
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Describe this image."
+_CHECKPOINT_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer*"]
+
+
+@dataclass
+class CaptionResult:
+    text: Optional[str]  # special tokens stripped; None when the image could not be used
+    token_ids: list  # generated ids, stop token excluded
+    finish_reason: Optional[str]  # "stop" | "length" | None (error)
+    num_image_tokens: int
+    num_generated_tokens: int
+    error: Optional[str] = None  # one-line reason this image could not be decoded/processed
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def resolve_checkpoint(model_dir_or_id) -> Path:
+    """A local checkpoint directory, or a hub model id fetched into (or found in) the HF cache."""
+    path = Path(model_dir_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(model_dir_or_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{model_dir_or_id}: not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model_dir_or_id), allow_patterns=_CHECKPOINT_FILES))
+    except Exception as error:  # offline, unknown id, no access: one line naming the model
+        raise FileNotFoundError(f"{model_dir_or_id}: cannot fetch from the Hugging Face hub ({error})") from None
+
+
+def check_checkpoint_dir(path: Path) -> dict:
+    """The checkpoint's config, after checking it is a SmolVLM checkpoint with safetensors weights."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json, not a Hugging Face checkpoint directory")
+    config = json.loads(config_file.read_text())
+    architectures = config.get("architectures") or []
+    if not architectures or architectures[0] not in HF_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: architecture {architectures[:1] or 'unknown'} is not SmolVLM "
+            f"(expected one of {', '.join(HF_ARCHITECTURES)})"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors checkpoints are supported)")
+    return config
+
+
+def stop_token_ids(path: Path, tokenizer) -> list[int]:
+    """``<end_of_utterance>`` plus any eos ids of ``generation_config.json``."""
+    ids = {tokenizer.convert_tokens_to_ids("<end_of_utterance>")}
+    generation_config = path / "generation_config.json"
+    if generation_config.exists():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype, preprocessor: SmolVLMPreprocessor) -> SmolVLM:
+    image_config = json.loads((path / "preprocessor_config.json").read_text())
+    model = fms.models.get_model(
+        "hf_pretrained",
+        model_path=str(path),
+        device_type=device.type,
+        data_type=dtype,
+        image_mean=list(image_config.get("image_mean", [0.5] * 3)),
+        image_std=list(image_config.get("image_std", [0.5] * 3)),
+    )
+    if model.config.image_seq_len != preprocessor.image_seq_len:
+        raise ValueError(
+            f"{path}: processor_config.json says image_seq_len={preprocessor.image_seq_len} but the model "
+            f"gives {model.config.image_seq_len} tokens per tile"
+        )
+    return model.eval()
+
+
+class Captioner:
+    """Preprocessing, a SmolVLM replica and its generation engine, behind ``generate(images, prompt)``."""
+
+    def __init__(self, model: SmolVLM, preprocessor: SmolVLMPreprocessor, engine: GenerationEngine, name: str):
+        self.model = model
+        self.preprocessor = preprocessor
+        self.engine = engine
+        self.name = name
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir_or_id,
+        device: str = "cpu",
+        dtype="float32",
+        compile: bool = False,
+        image_longest_edge: Optional[int] = None,
+        image_splitting: Optional[bool] = None,
+        max_batch_size: int = 32,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        warmup: bool = False,
+    ) -> "Captioner":
+        """``image_longest_edge`` / ``image_splitting``: None keeps the checkpoint's processor config.
+        ``warmup`` runs (and with ``compile``, compiles) one batch now, so the first real batch is not the compile."""
+        path = resolve_checkpoint(model_dir_or_id)
+        check_checkpoint_dir(path)
+        torch_device = resolve_device(device)
+        preprocessor = SmolVLMPreprocessor.from_pretrained(
+            path, image_longest_edge, image_splitting, max_image_pixels=max_image_pixels
+        )
+        model = load_model(path, torch_device, resolve_dtype(dtype, torch_device), preprocessor)
+        tokenizer = preprocessor.tokenizer
+        engine = GenerationEngine(
+            model,
+            stop_ids=stop_token_ids(path, tokenizer),
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            max_batch_size=max_batch_size,
+            compile=compile,
+        )
+        captioner = cls(model, preprocessor, engine, str(model_dir_or_id))
+        if warmup:
+            captioner.warmup()
+        return captioner
+
+    def warmup(self, max_new_tokens: int = 8) -> None:
+        """Run a full batch of synthetic images through the engine (and the compiler)."""
+        from PIL import Image
+
+        tile = self.preprocessor.settings.tile_size
+        image = Image.new("RGB", (tile * 2, tile), (127, 127, 127))
+        self.generate([image] * self.engine.max_batch_size, max_new_tokens=max_new_tokens)
+
+    def preprocess(self, images: Sequence[Optional[ImageInput]], prompt: str) -> list[ProcessedSample]:
+        return [self.preprocessor.process(image, prompt) for image in images]
+
+    def generate(
+        self,
+        images: Sequence[Optional[ImageInput]],
+        prompt: str = DEFAULT_PROMPT,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: Optional[int] = None,
+    ) -> list[CaptionResult]:
+        """One result per image, in order. ``images``: PIL images or encoded bytes (None: text-only prompt).
+        With ``seed``, image ``i`` samples with seed ``seed + i``: reproducible whatever the batching."""
+        samples = self.preprocess(images, prompt)
+        seeds = [(seed or 0) + i for i in range(len(samples))]
+        return self.generate_processed(samples, seeds, max_new_tokens, do_sample, temperature, top_p, top_k)
+
+    def generate_processed(
+        self,
+        samples: Sequence[ProcessedSample],
+        seeds: Sequence[int],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+    ) -> list[CaptionResult]:
+        """Generate for already preprocessed samples (the pipeline preprocesses on CPU workers)."""
+        params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k)
+        usable = [i for i, sample in enumerate(samples) if sample.error is None]
+        requests = [Request(samples[i].input_ids, samples[i].tiles, seed=seeds[i]) for i in usable]
+        generations = dict(zip(usable, self.engine.generate(requests, params)))
+        image_token_id = self.preprocessor.image_token_id
+        results = []
+        for i, sample in enumerate(samples):
+            if sample.error is not None:
+                results.append(CaptionResult(None, [], None, 0, 0, error=sample.error))
+                continue
+            generation = generations[i]
+            results.append(
+                CaptionResult(
+                    text=self.preprocessor.tokenizer.decode(generation.token_ids, skip_special_tokens=True),
+                    token_ids=generation.token_ids,
+                    finish_reason=generation.finish_reason,
+                    num_image_tokens=int((sample.input_ids == image_token_id).sum()),
+                    num_generated_tokens=len(generation.token_ids),
+                )
+            )
+        return results

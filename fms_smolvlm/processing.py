@@ -1,0 +1,364 @@
+"""SmolVLM's image processor and prompt expansion, exact and fast, from a checkpoint's own files.
+
+Reproduces HF's ``Idefics3ImageProcessorPil`` / ``SmolVLMImageProcessorPil`` (transformers 5.x) and the
+``<image>`` expansion of ``Idefics3Processor`` / ``SmolVLMProcessor``, but ships **uint8 tiles**: the
+model normalises them on its device, so the CPU does no float work and moves 4x fewer bytes.
+
+Per image (HF's rules, upscaling included):
+  1. convert to RGB, compositing transparency onto white;
+  2. resize (LANCZOS) so the longest edge is ``longest_edge`` (capped at 4096);
+  3. split: resize up to multiples of the tile size ``M``; if larger than one tile, cut ``rows x cols``
+     tiles row-major and append the whole image squashed to ``M x M`` as the global tile;
+     no split: squash to ``M x M``.
+
+Where we deliberately differ from HF (each is a case where HF's output is not what the picture shows):
+  * EXIF orientation is applied first. HF ignores it, so a portrait phone photo reaches the model
+    lying on its side; the reported width/height are those of the upright image.
+  * 16-bit grayscale (``I;16``, ``I``) is scaled to 8 bits; PIL's conversion (used by HF) clips every
+    value above 255 to white.
+Animated images use their first frame. Problems with one image (not an image, truncated, too many
+pixels) raise :class:`ImageError` with a one-line reason; :meth:`SmolVLMPreprocessor.process` turns
+that into an error result instead of failing the batch.
+"""
+
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = Union[bytes, bytearray, memoryview, Image.Image]
+
+MAX_RESIZED_EDGE = 4096  # HF's absolute cap on the resized image
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+
+FAKE_TOKEN = "<fake_token_around_image>"
+IMAGE_TOKEN = "<image>"
+GLOBAL_TOKEN = "<global-img>"
+
+
+class ImageError(ValueError):
+    """This image cannot be captioned; the message is a one-line reason."""
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How images become tiles. ``longest_edge`` and ``splitting`` set the image-token budget."""
+
+    longest_edge: int
+    tile_size: int
+    splitting: bool
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    resample: int = Image.Resampling.LANCZOS
+
+
+@dataclass
+class ProcessedImage:
+    tiles: np.ndarray  # uint8 (tiles, 3, M, M): row-major crops, then the global tile
+    rows: int  # 0 when unsplit
+    cols: int
+    width: int  # of the (upright) decoded image
+    height: int
+
+
+@dataclass
+class ProcessedSample:
+    """Model-ready input for one image and prompt, or the reason it has none."""
+
+    input_ids: Optional[np.ndarray]  # int64 (seq,), with the image expanded to its tiles' tokens
+    tiles: Optional[np.ndarray]  # uint8 (tiles, 3, M, M)
+    width: Optional[int] = None
+    height: Optional[int] = None
+    error: Optional[str] = None
+
+    @property
+    def num_tiles(self) -> int:
+        return 0 if self.tiles is None else self.tiles.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes (pure integer/float arithmetic in HF's exact order of operations)
+
+
+def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """Scale so the longest side is ``longest_edge`` (up or down), keep the short side even, cap at 4096."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect_ratio)
+        height += height % 2
+    else:
+        height = longest_edge
+        width = int(height * aspect_ratio)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+
+    aspect_ratio = width / height
+    if width >= height and width > MAX_RESIZED_EDGE:
+        width = MAX_RESIZED_EDGE
+        height = int(width / aspect_ratio)
+    elif height > width and height > MAX_RESIZED_EDGE:
+        height = MAX_RESIZED_EDGE
+        width = int(height * aspect_ratio)
+    return max(height, 1), max(width, 1)
+
+
+def tile_grid_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """Round up to whole tiles, the long side first and the other from the aspect ratio."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect_ratio) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect_ratio) / tile) * tile
+    return height, width
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_image(data: ImageInput, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Encoded bytes or a PIL image -> an upright RGB PIL image. Raises :class:`ImageError`."""
+    if isinstance(data, Image.Image):
+        image = data
+    else:
+        image = _open(bytes(data), max_pixels)
+    _check_pixels(image.size, max_pixels)
+    try:
+        image.seek(0)  # animated: first frame
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as error:  # PIL reports truncated/corrupt data this way
+        raise ImageError(f"corrupt image data: {_one_line(error)}") from None
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # our own max_pixels replaces PIL's decompression-bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised file format)") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"too many pixels ({_one_line(error)})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"corrupt image data: {_one_line(error)}") from None
+    _check_pixels(image.size, max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"corrupt or truncated image data: {_one_line(error)}") from None
+    return image
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency composited onto white (HF's rule), 16-bit grayscale scaled to 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiling
+
+
+def tile_image(image: Image.Image, settings: ImageSettings) -> ProcessedImage:
+    """An upright RGB image -> uint8 tiles exactly as HF's PIL image processor cuts them."""
+    width, height = image.size
+    tile = settings.tile_size
+    resized_h, resized_w = longest_edge_size(height, width, settings.longest_edge)
+    resized = image.resize((resized_w, resized_h), resample=settings.resample)
+    if not settings.splitting:
+        squashed = resized.resize((tile, tile), resample=settings.resample)
+        return ProcessedImage(_chw(squashed)[None], 0, 0, width, height)
+
+    grid_h, grid_w = tile_grid_size(resized_h, resized_w, tile)
+    grid = resized.resize((grid_w, grid_h), resample=settings.resample)
+    if grid_h <= tile and grid_w <= tile:
+        return ProcessedImage(_chw(grid)[None], 0, 0, width, height)
+    rows, cols = grid_h // tile, grid_w // tile
+    pixels = np.asarray(grid)  # (H, W, 3)
+    crops = pixels.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, tile, tile)
+    global_tile = _chw(grid.resize((tile, tile), resample=settings.resample))
+    tiles = np.concatenate([crops, global_tile[None]])
+    return ProcessedImage(tiles, rows, cols, width, height)
+
+
+def _chw(image: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt expansion
+
+
+def image_prompt(rows: int, cols: int, image_seq_len: int) -> str:
+    """The text that stands for one image: per tile ``<fake><row_r_col_c><image>*seq``, rows ended by a
+    newline, then ``\\n<fake><global-img><image>*seq<fake>`` (unsplit: the global part alone)."""
+    image_tokens = IMAGE_TOKEN * image_seq_len
+    global_part = f"{FAKE_TOKEN}{GLOBAL_TOKEN}{image_tokens}{FAKE_TOKEN}"
+    if rows == 0 and cols == 0:
+        return global_part
+    grid = "".join(
+        "".join(f"{FAKE_TOKEN}<row_{r}_col_{c}>{image_tokens}" for c in range(1, cols + 1)) + "\n"
+        for r in range(1, rows + 1)
+    )
+    return f"{grid}\n{global_part}"
+
+
+class SmolVLMPreprocessor:
+    """Image + prompt -> model input, configured from a checkpoint directory's processor files."""
+
+    def __init__(self, tokenizer, chat_template: str, image_seq_len: int, settings: ImageSettings):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_seq_len = image_seq_len
+        self.settings = settings
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self._prompt_ids = lru_cache(maxsize=256)(self._expand_and_tokenize)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir,
+        image_longest_edge: Optional[int] = None,
+        image_splitting: Optional[bool] = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> "SmolVLMPreprocessor":
+        """``image_longest_edge`` / ``image_splitting``: None keeps the checkpoint's processor config."""
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        image_config = _read_json(model_dir / "preprocessor_config.json")
+        _check_normalisation(image_config, model_dir)
+        processor_config = _read_json(model_dir / "processor_config.json", required=False)
+        tile = image_config["max_image_size"]["longest_edge"]
+        settings = ImageSettings(
+            longest_edge=image_longest_edge or image_config["size"]["longest_edge"],
+            tile_size=tile,
+            splitting=image_config.get("do_image_splitting", True) if image_splitting is None else image_splitting,
+            max_pixels=max_image_pixels,
+            resample=image_config.get("resample", Image.Resampling.LANCZOS),
+        )
+        if settings.longest_edge < 1:
+            raise ValueError(f"image_longest_edge must be positive, got {settings.longest_edge}")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        image_seq_len = processor_config.get("image_seq_len") or _image_seq_len_from_config(model_dir)
+        return cls(tokenizer, _read_chat_template(model_dir, tokenizer), image_seq_len, settings)
+
+    def fingerprint(self) -> dict:
+        """The settings that change what the model sees (for a job's identity)."""
+        return {
+            "image_longest_edge": self.settings.longest_edge,
+            "image_tile_size": self.settings.tile_size,
+            "image_splitting": self.settings.splitting,
+            "image_seq_len": self.image_seq_len,
+            "max_image_pixels": self.settings.max_pixels,
+            "exif_orientation": True,
+        }
+
+    def render_prompt(self, prompt: str, with_image: bool = True) -> str:
+        """The checkpoint's chat template: one user turn (image, then text) and the generation prompt."""
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
+    def prompt_ids(self, prompt: str, rows: Optional[int] = None, cols: Optional[int] = None) -> np.ndarray:
+        """Token ids of the rendered prompt with the image expanded for a ``rows x cols`` split
+        (``0 x 0``: unsplit); ``rows=None``: a text-only prompt. Cached: few distinct grids occur."""
+        return self._prompt_ids(prompt, rows, cols)
+
+    def _expand_and_tokenize(self, prompt: str, rows: Optional[int], cols: Optional[int]) -> np.ndarray:
+        text = self.render_prompt(prompt, with_image=rows is not None)
+        if rows is not None:
+            if text.count(IMAGE_TOKEN) != 1:
+                raise ValueError(f"the chat template must place exactly one {IMAGE_TOKEN}, got {text!r}")
+            text = text.replace(IMAGE_TOKEN, image_prompt(rows, cols, self.image_seq_len))
+        ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
+        ids.flags.writeable = False  # shared by the cache
+        return ids
+
+    def process_image(self, image: ImageInput) -> ProcessedImage:
+        """Raises :class:`ImageError` for an image that cannot be used."""
+        return tile_image(decode_image(image, self.settings.max_pixels), self.settings)
+
+    def process(self, image: Optional[ImageInput], prompt: str) -> ProcessedSample:
+        """One sample; a bad image gives ``error`` set and no ids, never an exception."""
+        if image is None:
+            return ProcessedSample(self.prompt_ids(prompt), None)
+        try:
+            processed = self.process_image(image)
+        except ImageError as error:
+            return ProcessedSample(None, None, error=str(error))
+        ids = self.prompt_ids(prompt, processed.rows, processed.cols)
+        return ProcessedSample(ids, processed.tiles, processed.width, processed.height)
+
+
+def _read_json(path: Path, required: bool = True) -> dict:
+    if not path.exists():
+        if required:
+            raise FileNotFoundError(f"{path} is missing: not a SmolVLM checkpoint directory")
+        return {}
+    return json.loads(path.read_text())
+
+
+def _check_normalisation(image_config: dict, model_dir: Path) -> None:
+    # the model normalises uint8 as (x / 255 - mean) / std; other processor settings would change inputs
+    rescale = image_config.get("rescale_factor", 1 / 255)
+    if not image_config.get("do_rescale", True) or not image_config.get("do_normalize", True) or not math.isclose(
+        rescale, 1 / 255
+    ):
+        raise ValueError(
+            f"{model_dir}/preprocessor_config.json: only do_rescale=true, rescale_factor=1/255, do_normalize=true "
+            "are supported"
+        )
+
+
+def _image_seq_len_from_config(model_dir: Path) -> int:
+    config = _read_json(model_dir / "config.json")
+    vision = config["vision_config"]
+    return (vision["image_size"] // vision["patch_size"]) ** 2 // config.get("scale_factor", 2) ** 2
+
+
+def _read_chat_template(model_dir: Path, tokenizer) -> str:
+    template_json = model_dir / "chat_template.json"
+    if template_json.exists():
+        return json.loads(template_json.read_text())["chat_template"]
+    template_jinja = model_dir / "chat_template.jinja"
+    if template_jinja.exists():
+        return template_jinja.read_text()
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    raise FileNotFoundError(f"{model_dir} has no chat template (chat_template.json or chat_template.jinja)")

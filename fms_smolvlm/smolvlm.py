@@ -1,0 +1,580 @@
+"""SmolVLM (Idefics3 architecture) on FMS modules.
+
+Image tiles -> SigLIP-style vision tower (bucketed 2-D position ids, key mask for padded patches)
+-> pixel shuffle + bias-free projection -> features replace the embeddings of the ``<image>``
+tokens -> FMS LLaMA decoder -> LM head.
+
+Tiles enter as uint8 ``(tiles, 3, H, W)``; they are normalised on the device. The HF
+implementation (``transformers.models.smolvlm`` / ``idefics3``) is the numerical reference.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+from typing_extensions import Unpack
+
+from fms import models
+from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
+from fms.models.llama import LLaMA, LLaMAConfig
+from fms.models.siglip_vision import SiglipEncoder, SiglipVisionConfig
+from fms.modules.attention import AttentionKwargs, get_attention_type
+from fms.modules.layernorm import LayerNormParameterized
+from fms.utils import serialization
+from fms.utils.config import ModelConfig
+from fms.utils.headless import gather_outputs
+
+
+@dataclass
+class SmolVLMConfig(ModelConfig):
+    """SmolVLM's shape. Field names follow HF's ``SmolVLMConfig``; the defaults are SmolVLM-256M.
+
+    ``tie_word_embeddings`` and ``fused_weights`` are the source of truth for the whole model:
+    they override ``text_config.tie_heads`` / the sub-configs' ``fused_weights`` when the
+    modules are built.
+    """
+
+    vision_config: SiglipVisionConfig = field(
+        default_factory=lambda: SiglipVisionConfig(
+            hidden_size=768, intermediate_size=3072, nlayers=12, nheads=12, image_size=512, patch_size=16
+        )
+    )
+    text_config: LLaMAConfig = field(
+        default_factory=lambda: LLaMAConfig(
+            src_vocab_size=49280,
+            emb_dim=576,
+            nheads=9,
+            kvheads=3,
+            nlayers=30,
+            hidden_grow_factor=1536 / 576,
+            multiple_of=1,
+            norm_eps=1e-5,
+            rope_theta=100_000.0,
+            max_expected_seq_len=8192,
+            pad_id=2,
+        )
+    )
+    scale_factor: int = 4
+    image_token_id: int = 49190
+    tie_word_embeddings: bool = False
+    # the image processor's normalisation, applied on the device to uint8 tiles
+    image_mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    fused_weights: bool = True
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def image_seq_len(self) -> int:
+        """``<image>`` tokens per tile: patches per tile divided by the pixel-shuffle factor squared."""
+        return self.patches_per_side**2 // self.scale_factor**2
+
+
+def bucketed_position_ids(patch_mask: torch.Tensor, patches_per_side: int) -> torch.Tensor:
+    """Position ids of a tile's patches, ``(tiles, h*w)``.
+
+    A tile whose valid patches span ``rows x cols`` has its patch grid stretched over the full
+    ``patches_per_side`` position grid: row ``i`` gets bucket ``floor(i * N / rows)``. Padded
+    patches get id 0. For a fully valid ``N x N`` tile this is ``arange(N*N)``.
+
+    Integer arithmetic: HF computes the same buckets with float32 ``bucketize``, which agrees for
+    every grid of the published checkpoints (N = 27, 32) but misplaces a few rows for some others
+    (e.g. N = 19, 25, 29) through rounding.
+    """
+    tiles, height, width = patch_mask.shape
+    rows = patch_mask[:, :, 0].sum(1).clamp(min=1)
+    cols = patch_mask[:, 0, :].sum(1).clamp(min=1)
+    row_ids = torch.arange(height, device=patch_mask.device)
+    col_ids = torch.arange(width, device=patch_mask.device)
+    bucket_rows = (row_ids[None, :] * patches_per_side) // rows[:, None]
+    bucket_cols = (col_ids[None, :] * patches_per_side) // cols[:, None]
+    ids = bucket_rows[:, :, None] * patches_per_side + bucket_cols[:, None, :]
+    return torch.where(patch_mask, ids, 0).flatten(1)
+
+
+def patch_mask_from_pixel_mask(pixel_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(tiles, H, W)`` pixel mask -> ``(tiles, H/p, W/p)`` patch mask: a patch is valid if any pixel is."""
+    patches = pixel_mask.unfold(1, patch_size, patch_size).unfold(2, patch_size, patch_size)
+    return patches.sum(dim=(-1, -2)) > 0
+
+
+def pixel_shuffle(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
+    """Space-to-depth on a square patch grid: ``(tiles, n*n, d) -> (tiles, (n/r)^2, r*r*d)``.
+
+    Output token ``(i, j)`` of the coarse grid concatenates the ``r x r`` block of patches
+    ``(i*r + dy, j*r + dx)`` in (dy, dx, d) order, which is HF's channel order.
+    """
+    tiles, seq, dim = x.shape
+    side = math.isqrt(seq)
+    if side * side != seq or side % scale_factor:
+        raise ValueError(
+            f"pixel shuffle needs a square patch grid divisible by scale_factor={scale_factor}, got {seq} patches"
+        )
+    coarse = side // scale_factor
+    x = x.view(tiles, coarse, scale_factor, coarse, scale_factor, dim)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(tiles, coarse * coarse, scale_factor * scale_factor * dim)
+
+
+def merge_image_features(embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Replace the embeddings at ``image_mask`` (row-major over batch and sequence) by ``features`` in order.
+
+    Shapes stay static (a gather and a select), so this compiles without graph breaks.
+    """
+    if not torch.compiler.is_compiling():
+        check_image_token_count(int(image_mask.sum()), features.shape[0])
+    order = (image_mask.flatten().cumsum(0) - 1).clamp(0, max(features.shape[0] - 1, 0))
+    gathered = features[order].view_as(embeds)
+    return torch.where(image_mask[..., None], gathered.to(embeds.dtype), embeds)
+
+
+def check_image_token_count(num_image_tokens: int, num_features: int) -> None:
+    if num_image_tokens != num_features:
+        raise ValueError(
+            f"the prompts hold {num_image_tokens} <image> tokens but the images give {num_features} features; "
+            "expand each image placeholder to the image's tiles times image_seq_len tokens"
+        )
+
+
+class SmolVLMVisionEmbeddings(nn.Module):
+    """Patch embedding plus learned position embeddings looked up through bucketed position ids."""
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        self.patches_per_side = config.image_size // config.patch_size
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Embedding(self.patches_per_side**2, config.hidden_size)
+
+    def reset_parameters(self):
+        nn.init.normal_(self.position_embedding.weight, std=self.position_embedding.embedding_dim**-0.5)
+        fan_in = self.patch_embedding.weight[0].numel()
+        nn.init.trunc_normal_(self.patch_embedding.weight, std=fan_in**-0.5)
+        nn.init.zeros_(self.patch_embedding.bias)
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        embeds = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        return embeds + self.position_embedding(bucketed_position_ids(patch_mask, self.patches_per_side))
+
+
+class SmolVLMVisionTransformer(nn.Module):
+    """SigLIP encoder (FMS modules) over tiles of any size that is a multiple of the patch size."""
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = SmolVLMVisionEmbeddings(config)
+        self.encoder = SiglipEncoder(config)
+        self.post_layernorm = LayerNormParameterized(
+            config.hidden_size,
+            elementwise_shift=True,
+            use_mean=True,
+            eps=config.layer_norm_eps,
+            use_high_precision_pow=True,
+        )
+
+    def reset_parameters(self):
+        self.embeddings.reset_parameters()
+        self.encoder.reset_parameters()
+        self.post_layernorm.reset_parameters()
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``pixel_values`` ``(tiles, C, H, W)`` normalised; ``patch_mask`` ``(tiles, H/p, W/p)`` bool or None (all valid)."""
+        attn_kwargs: dict[str, Any] = {"attn_name": "sdpa_bidirectional"}
+        if patch_mask is None:
+            p = self.config.patch_size
+            patch_mask = pixel_values.new_ones(
+                (pixel_values.shape[0], pixel_values.shape[2] // p, pixel_values.shape[3] // p), dtype=torch.bool
+            )
+        else:
+            # padded patches are masked out as keys; their own outputs are computed and ignored
+            attn_kwargs["mask"] = patch_mask.flatten(1)[:, None, :]
+        hidden = self.embeddings(pixel_values, patch_mask)
+        hidden, _ = self.encoder(hidden, **attn_kwargs)
+        return self.post_layernorm(hidden)
+
+
+class SmolVLMConnector(nn.Module):
+    """Pixel shuffle then a bias-free projection into the text embedding space."""
+
+    def __init__(self, config: SmolVLMConfig):
+        super().__init__()
+        self.scale_factor = config.scale_factor
+        self.proj = nn.Linear(
+            config.vision_config.hidden_size * config.scale_factor**2, config.text_config.emb_dim, bias=False
+        )
+
+    def reset_parameters(self):
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+
+    def forward(self, vision_hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_shuffle(vision_hidden, self.scale_factor))
+
+
+class SmolVLM(nn.Module):
+    def __init__(
+        self,
+        config: Optional[SmolVLMConfig] = None,
+        distributed_strategy: DistributedStrategy = NoOpStrategy,
+        **kwargs,
+    ):
+        super().__init__()
+        self.config = (config if config is not None else SmolVLMConfig()).updated(**kwargs)
+        self.distributed_strategy = distributed_strategy
+        vision_config = self.config.vision_config.updated(fused_weights=self.config.fused_weights)
+        text_config = self.config.text_config.updated(
+            fused_weights=self.config.fused_weights, tie_heads=self.config.tie_word_embeddings
+        )
+        self.vision_tower = SmolVLMVisionTransformer(vision_config)
+        self.connector = SmolVLMConnector(self.config)
+        self.language_model = LLaMA(text_config, distributed_strategy)
+
+    @classmethod
+    def from_config(cls, config: SmolVLMConfig) -> "SmolVLM":
+        return cls(config)
+
+    def get_config(self) -> SmolVLMConfig:
+        return self.config
+
+    def reset_parameters(self):
+        self.vision_tower.reset_parameters()
+        self.connector.reset_parameters()
+        self.language_model.reset_parameters()
+
+    def post_init(self):
+        self.language_model.post_init()
+        check_all_weights_loaded(self)
+
+    def normalize_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles -> the model's dtype, normalised in float32 like HF; float input is taken as already normalised."""
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        if pixel_values.dtype == torch.uint8:
+            mean = torch.tensor(self.config.image_mean, device=pixel_values.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.config.image_std, device=pixel_values.device).view(1, -1, 1, 1)
+            # (x / 255 - mean) / std in float32, as the HF image processor computes it
+            pixel_values = (pixel_values.float() / 255.0 - mean) / std
+        return pixel_values.to(dtype)
+
+    def image_features(self, pixel_values: torch.Tensor, patch_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Real tiles ``(tiles, C, H, W)`` -> text-space features ``(tiles * image_seq_len, emb_dim)``."""
+        hidden = self.vision_tower(self.normalize_pixels(pixel_values), patch_mask)
+        features = self.connector(hidden)
+        return features.flatten(0, 1)
+
+    def embed(self, input_ids: torch.Tensor, image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings, with ``image_features`` (from :meth:`image_features`) in place of the ``<image>`` tokens."""
+        embeds = self.language_model.base_model.embedding(input_ids)
+        if image_features is None:
+            return embeds
+        return merge_image_features(embeds, input_ids == self.config.image_token_id, image_features)
+
+    def decode(
+        self,
+        embeds: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_value_states=None,
+        use_cache: bool = False,
+        **attn_kwargs: Unpack[AttentionKwargs],
+    ):
+        """Run the LLaMA layers and final norm on input embeddings (FMS's LLaMA.forward only takes token ids)."""
+        base = self.language_model.base_model
+        layers_past = past_key_value_states or [None] * len(base.layers)
+        hidden = embeds
+        cache = []
+        for layer, layer_past in zip(base.layers, layers_past):
+            out = layer(
+                x=hidden,
+                position_ids=position_ids,
+                past_key_value_state=layer_past,
+                use_cache=use_cache,
+                **attn_kwargs,
+            )
+            if use_cache:
+                hidden, layer_cache = out
+                cache.append(layer_cache)
+            else:
+                hidden = out
+        return base.dec_norm(hidden), cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        patch_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_value_states=None,
+        use_cache: bool = False,
+        last_n_tokens: int = 0,
+        **attn_kwargs: Unpack[AttentionKwargs],
+    ):
+        """
+        input_ids: ``(batch, seq)`` with each image expanded to its tiles' ``<image>`` tokens.
+        pixel_values: the real tiles of all images of the batch, in prompt order, ``(tiles, 3, H, W)``:
+            uint8 (normalised here) or an already normalised float tensor. Only on the prefill.
+        patch_mask: ``(tiles, H/p, W/p)`` bool for partially padded tiles; None when all are full.
+        """
+        get_attention_type(**attn_kwargs)["validate_attn_kwargs"](
+            input_ids=input_ids,
+            position_ids=position_ids,
+            past_key_value_states=past_key_value_states,
+            **attn_kwargs,
+        )
+        features = None if pixel_values is None else self.image_features(pixel_values, patch_mask)
+        embeds = self.embed(input_ids, features)
+        hidden, cache = self.decode(embeds, position_ids, past_key_value_states, use_cache, **attn_kwargs)
+        logits = self.language_model.head(gather_outputs(hidden, last_n_tokens, **attn_kwargs))
+        return (logits, cache) if use_cache else logits
+
+
+def check_all_weights_loaded(model: nn.Module) -> None:
+    """After loading, any parameter still on the meta device was absent from the checkpoint."""
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.is_meta]
+    if missing and len(missing) < len(params):  # an all-meta model is a deliberate meta-device build
+        raise CheckpointError(f"the checkpoint has no weights for {_summarize_names(missing)}")
+
+
+def _summarize_names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not fit the model built from its config."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Published shapes (HuggingFaceTB/SmolVLM-{256M,500M}-Instruct, SmolVLM-Instruct)
+
+_256m_config = SmolVLMConfig()
+
+_500m_config = SmolVLMConfig(
+    text_config=LLaMAConfig(
+        src_vocab_size=49280,
+        emb_dim=960,
+        nheads=15,
+        kvheads=5,
+        nlayers=32,
+        hidden_grow_factor=2560 / 960,
+        multiple_of=1,
+        norm_eps=1e-5,
+        rope_theta=100_000.0,
+        max_expected_seq_len=8192,
+        pad_id=2,
+    ),
+)
+
+_2_2b_config = SmolVLMConfig(
+    vision_config=SiglipVisionConfig(
+        hidden_size=1152, intermediate_size=4304, nlayers=27, nheads=16, image_size=384, patch_size=14
+    ),
+    text_config=LLaMAConfig(
+        src_vocab_size=49155,
+        emb_dim=2048,
+        nheads=32,
+        kvheads=32,
+        nlayers=24,
+        hidden_grow_factor=8192 / 2048,
+        multiple_of=1,
+        norm_eps=1e-5,
+        rope_theta=273_768.0,
+        max_expected_seq_len=16384,
+        pad_id=2,
+    ),
+    scale_factor=3,
+    image_token_id=49153,
+)
+
+_architecture_name = "smolvlm"
+
+
+def _smolvlm_factory_factory(config: SmolVLMConfig):
+    def factory(**kwargs):
+        return SmolVLM(config, **kwargs)
+
+    return factory
+
+
+models.register_model(_architecture_name, "256m", _smolvlm_factory_factory(_256m_config))
+models.register_model(_architecture_name, "500m", _smolvlm_factory_factory(_500m_config))
+models.register_model(_architecture_name, "2.2b", _smolvlm_factory_factory(_2_2b_config))
+
+
+# ---------------------------------------------------------------------------------------------
+# HF checkpoint -> FMS: small pure steps ``(state_dict, model_config) -> state_dict``
+
+# (HF prefix, FMS prefix); the first match wins
+_PREFIXES = [
+    ("model.vision_model.", "vision_tower."),
+    ("model.connector.modality_projection.", "connector."),
+    ("model.text_model.embed_tokens.", "language_model.base_model.embedding."),
+    ("model.text_model.norm.", "language_model.base_model.dec_norm."),
+    ("model.text_model.", "language_model.base_model."),
+    ("lm_head.", "language_model.head."),
+]
+# (HF, FMS) module names inside a layer, per tower
+_VISION_LAYER_NAMES = [
+    ("self_attn.q_proj", "attn.in_proj.query"),
+    ("self_attn.k_proj", "attn.in_proj.key"),
+    ("self_attn.v_proj", "attn.in_proj.value"),
+    ("self_attn.out_proj", "attn.dense"),
+    ("mlp.fc1", "mlp.w1"),
+    ("mlp.fc2", "mlp.w2"),
+]
+_TEXT_LAYER_NAMES = [
+    ("self_attn.q_proj", "attn.in_proj.query"),
+    ("self_attn.k_proj", "attn.in_proj.key"),
+    ("self_attn.v_proj", "attn.in_proj.value"),
+    ("self_attn.o_proj", "attn.dense"),
+    ("mlp.gate_proj", "ff_sub_layer.wg"),
+    ("mlp.up_proj", "ff_sub_layer.w1"),
+    ("mlp.down_proj", "ff_sub_layer.w2"),
+    ("input_layernorm", "ln"),
+    ("post_attention_layernorm", "ff_ln"),
+]
+
+
+def _rename(name: str, to_fms: bool) -> str:
+    src, dst = (0, 1) if to_fms else (1, 0)
+    for pair in _PREFIXES:
+        if name.startswith(pair[src]):
+            rest = name[len(pair[src]) :]
+            layer_names = _VISION_LAYER_NAMES if pair[0] == "model.vision_model." else _TEXT_LAYER_NAMES
+            for layer_pair in layer_names:
+                rest = re.sub(rf"(^|\.){re.escape(layer_pair[src])}\.", rf"\g<1>{layer_pair[dst]}.", rest)
+            return pair[dst] + rest
+    return name
+
+
+def hf_to_fms_name(name: str) -> str:
+    return _rename(name, to_fms=True)
+
+
+def fms_to_hf_name(name: str) -> str:
+    """Inverse of :func:`hf_to_fms_name` on unfused FMS names."""
+    return _rename(name, to_fms=False)
+
+
+def hf_weight_shapes(config: SmolVLMConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF SmolVLM/Idefics3 checkpoint with this config, and its shape."""
+    vision, text = config.vision_config, config.text_config
+    d, p = vision.hidden_size, vision.patch_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.vision_model.embeddings.patch_embedding.weight": (d, vision.num_channels, p, p),
+        "model.vision_model.embeddings.patch_embedding.bias": (d,),
+        "model.vision_model.embeddings.position_embedding.weight": (config.patches_per_side**2, d),
+        "model.vision_model.post_layernorm.weight": (d,),
+        "model.vision_model.post_layernorm.bias": (d,),
+    }
+    vision_mlp = int(vision.intermediate_size / vision.hidden_size * vision.hidden_size)
+    for i in range(vision.nlayers):
+        layer = f"model.vision_model.encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{layer}self_attn.{proj}.weight"] = (d, d)
+            shapes[f"{layer}self_attn.{proj}.bias"] = (d,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{layer}{norm}.weight"] = (d,)
+            shapes[f"{layer}{norm}.bias"] = (d,)
+        shapes[f"{layer}mlp.fc1.weight"] = (vision_mlp, d)
+        shapes[f"{layer}mlp.fc1.bias"] = (vision_mlp,)
+        shapes[f"{layer}mlp.fc2.weight"] = (d, vision_mlp)
+        shapes[f"{layer}mlp.fc2.bias"] = (d,)
+
+    e, vocab = text.emb_dim, text.src_vocab_size
+    head_dim = e // text.nheads
+    kv_dim = (text.kvheads or text.nheads) * head_dim
+    text_mlp = int(text.hidden_grow_factor * e)
+    shapes["model.connector.modality_projection.proj.weight"] = (e, d * config.scale_factor**2)
+    shapes["model.text_model.embed_tokens.weight"] = (vocab, e)
+    shapes["model.text_model.norm.weight"] = (e,)
+    shapes["lm_head.weight"] = (vocab, e)
+    for i in range(text.nlayers):
+        layer = f"model.text_model.layers.{i}."
+        shapes[f"{layer}self_attn.q_proj.weight"] = (text.nheads * head_dim, e)
+        shapes[f"{layer}self_attn.k_proj.weight"] = (kv_dim, e)
+        shapes[f"{layer}self_attn.v_proj.weight"] = (kv_dim, e)
+        shapes[f"{layer}self_attn.o_proj.weight"] = (e, text.nheads * head_dim)
+        shapes[f"{layer}mlp.gate_proj.weight"] = (text_mlp, e)
+        shapes[f"{layer}mlp.up_proj.weight"] = (text_mlp, e)
+        shapes[f"{layer}mlp.down_proj.weight"] = (e, text_mlp)
+        shapes[f"{layer}input_layernorm.weight"] = (e,)
+        shapes[f"{layer}post_attention_layernorm.weight"] = (e,)
+    return shapes
+
+
+def _layer_group(name: str) -> str:
+    """The unit FMS loads together: everything up to the first layer index, or '' for non-layer tensors."""
+    match = re.match(r"(.*?\.\d+\.)", name)
+    return match.group(1) if match else ""
+
+
+def _check_hf_checkpoint(
+    input_sd: Mapping[str, Any], model_config: Optional[SmolVLMConfig] = None, **kwargs
+) -> Mapping[str, Any]:
+    """Fail with the names of unexpected, misshapen or missing tensors instead of loading garbage."""
+    if model_config is None:
+        return input_sd
+    expected = hf_weight_shapes(model_config)
+    problems = []
+    unexpected = [k for k in input_sd if k not in expected]
+    if unexpected:
+        problems.append(f"unexpected tensors {_summarize_names(unexpected)}")
+    misshapen = [
+        f"{k} {tuple(input_sd[k].shape)} (config says {expected[k]})"
+        for k in input_sd
+        if k in expected and tuple(input_sd[k].shape) != expected[k]
+    ]
+    if misshapen:
+        problems.append(f"wrong shapes: {_summarize_names(misshapen)}")
+    # FMS loads one layer (or all non-layer tensors) at a time: a group it hands us must be complete
+    groups = {_layer_group(k) for k in input_sd}
+    optional = {"lm_head.weight"} if model_config.tie_word_embeddings else set()
+    missing = [k for k in expected if _layer_group(k) in groups and k not in input_sd and k not in optional]
+    if missing:
+        problems.append(f"missing tensors {_summarize_names(missing)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
+    return input_sd
+
+
+def _hf_to_fms_names(input_sd: Mapping[str, Any], **kwargs) -> Mapping[str, Any]:
+    return {hf_to_fms_name(name): tensor for name, tensor in input_sd.items()}
+
+
+_ROPE_WEIGHT = re.compile(r"language_model\.base_model\.layers\.\d+\.attn\.in_proj\.(query|key)\.weight$")
+
+
+def _hf_to_fms_rope(
+    input_sd: Mapping[str, Any], model_config: Optional[SmolVLMConfig] = None, **kwargs
+) -> Mapping[str, Any]:
+    """HF rotates dims (i, i + d/2) together; FMS rotates adjacent pairs (2i, 2i + 1). Reorder q/k rows to match."""
+    text = (model_config or SmolVLMConfig()).text_config
+    head_dim = text.emb_dim // text.nheads
+    new_sd = dict(input_sd)
+    for name, param in input_sd.items():
+        if _ROPE_WEIGHT.search(name):
+            heads = param.size(0) // head_dim
+            new_sd[name] = param.view(heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(param.shape)
+    return new_sd
+
+
+def _weight_fusion(
+    input_sd: Mapping[str, Any], model_config: Optional[SmolVLMConfig] = None, **kwargs
+) -> Mapping[str, Any]:
+    if model_config is not None and not model_config.fused_weights:
+        return input_sd
+    return serialization._mlp_glu_unfused_to_fused_adapter_step(serialization._attn_unfused_to_fused_step(input_sd))
+
+
+serialization.register_adapter_step(_architecture_name, "hf_checkpoint_check", _check_hf_checkpoint)
+serialization.register_adapter_step(_architecture_name, "hf_to_fms_names", _hf_to_fms_names)
+serialization.register_adapter_step(_architecture_name, "hf_to_fms_rope", _hf_to_fms_rope)
+serialization.register_adapter_step(_architecture_name, "weight_fusion", _weight_fusion)
+serialization.register_adapter(
+    _architecture_name, "hf", ["hf_checkpoint_check", "hf_to_fms_names", "hf_to_fms_rope", "weight_fusion"]
+)
