@@ -37,6 +37,7 @@ ImageInput = Union[bytes, bytearray, memoryview, Image.Image]
 
 MAX_RESIZED_EDGE = 4096  # HF's absolute cap on the resized image
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+EXIF_ORIENTATION = 0x0112
 
 FAKE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
@@ -134,7 +135,8 @@ def decode_image(data: ImageInput, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -
     _check_pixels(image.size, max_pixels)
     try:
         image.seek(0)  # animated: first frame
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError) as error:  # PIL reports truncated/corrupt data this way
         raise ImageError(f"corrupt image data: {_one_line(error)}") from None

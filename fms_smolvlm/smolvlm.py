@@ -39,7 +39,13 @@ class SmolVLMConfig(ModelConfig):
 
     vision_config: SiglipVisionConfig = field(
         default_factory=lambda: SiglipVisionConfig(
-            hidden_size=768, intermediate_size=3072, nlayers=12, nheads=12, image_size=512, patch_size=16
+            hidden_size=768,
+            intermediate_size=3072,
+            nlayers=12,
+            nheads=12,
+            image_size=512,
+            patch_size=16,
+            hidden_act="gelu_pytorch_tanh",
         )
     )
     text_config: LLaMAConfig = field(
@@ -371,7 +377,13 @@ _500m_config = SmolVLMConfig(
 
 _2_2b_config = SmolVLMConfig(
     vision_config=SiglipVisionConfig(
-        hidden_size=1152, intermediate_size=4304, nlayers=27, nheads=16, image_size=384, patch_size=14
+        hidden_size=1152,
+        intermediate_size=4304,
+        nlayers=27,
+        nheads=16,
+        image_size=384,
+        patch_size=14,
+        hidden_act="gelu_pytorch_tanh",
     ),
     text_config=LLaMAConfig(
         src_vocab_size=49155,

@@ -1,0 +1,91 @@
+"""FMS SmolVLM vs HF SmolVLM/Idefics3 on the same random checkpoints: logits and vision features (fp32, CPU)."""
+
+import pytest
+import torch
+from fms.models import get_model
+
+from fms_smolvlm.smolvlm import patch_mask_from_pixel_mask, pixel_shuffle
+from tests.conftest import CHECKPOINT_CONFIGS, random_image
+from tests.hf_reference import generate_position_ids, hf_inputs, hf_model, hf_processor, real_tiles
+
+TOLERANCE = 1e-4  # of the logits' scale
+
+
+def fms_logits(model, inputs):
+    """Our forward on the HF processor's inputs: real tiles only, HF generate's position ids, a left-padding mask."""
+    attention = inputs["attention_mask"].bool()
+    length = attention.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (causal[None] & attention[:, None, :]) | torch.eye(length, dtype=torch.bool)[None]
+    tiles = None
+    if "pixel_values" in inputs:
+        tiles, _ = real_tiles(inputs["pixel_values"], inputs["pixel_attention_mask"])
+    return model(inputs["input_ids"], pixel_values=tiles, position_ids=generate_position_ids(attention), mask=mask)
+
+
+def assert_logits_match(path, inputs):
+    hf = hf_model(path)
+    ours = get_model("hf_pretrained", model_path=str(path)).eval()
+    attention = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = hf(**inputs, position_ids=generate_position_ids(attention)).logits[attention]
+        actual = fms_logits(ours, inputs)[attention]
+    scale = expected.abs().max()
+    error = (actual - expected).abs().max() / scale
+    assert error <= TOLERANCE, f"max |FMS - HF| = {error:.2e} of the logits' scale {scale:.3f}"
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CONFIGS))
+def test_logits_batch_of_split_images_left_padded(checkpoint_factory, name):
+    path = checkpoint_factory(name)
+    processor = hf_processor(path)
+    images = [random_image(90, 60, seed=1), random_image(40, 110, seed=2)]
+    inputs = hf_inputs(processor, ["Describe this image in a few words.", "What?"], images)
+    tiles_per_image = (inputs["pixel_values"].flatten(2) != 0).any(-1).sum(1)
+    assert (tiles_per_image > 2).all() and tiles_per_image[0] != tiles_per_image[1]
+    assert not inputs["attention_mask"].all(), "the two prompts should differ in length (left padding)"
+    assert_logits_match(path, inputs)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CONFIGS))
+def test_logits_unsplit_image(checkpoint_factory, name):
+    path = checkpoint_factory(name)
+    processor = hf_processor(path, do_image_splitting=False)
+    inputs = hf_inputs(processor, ["Caption this."], [random_image(70, 50, seed=3)])
+    assert inputs["pixel_values"].shape[1] == 1
+    assert_logits_match(path, inputs)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CONFIGS))
+def test_logits_text_only(checkpoint_factory, name):
+    path = checkpoint_factory(name)
+    inputs = hf_inputs(hf_processor(path), ["Write one sentence about a dog.", "Hi"])
+    assert_logits_match(path, inputs)
+
+
+def test_vision_tower_on_partially_padded_tile(checkpoint):
+    """A tile whose valid region is 20x28 of 32x32 pixels: bucketed position ids and the key mask."""
+    hf = hf_model(checkpoint)
+    ours = get_model("hf_pretrained", model_path=str(checkpoint)).eval()
+    size = ours.config.vision_config.image_size
+    pixels = torch.zeros(2, 3, size, size)
+    pixels[0] = torch.rand(3, size, size) * 2 - 1
+    pixels[1, :, :20, :28] = torch.rand(3, 20, 28) * 2 - 1
+    pixel_mask = torch.zeros(2, size, size, dtype=torch.long)
+    pixel_mask[0] = 1
+    pixel_mask[1, :20, :28] = 1
+    patch_mask = patch_mask_from_pixel_mask(pixel_mask, ours.config.vision_config.patch_size)
+    assert not patch_mask[1].all() and patch_mask[1].any()
+    with torch.no_grad():
+        expected = hf.model.get_image_features(pixels[:, None], pixel_mask[:, None]).pooler_output
+        actual = ours.image_features(pixels, patch_mask)
+    expected = torch.cat(list(expected))
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_pixel_shuffle_matches_hf_channel_order(checkpoint):
+    hf = hf_model(checkpoint)
+    x = torch.randn(3, 36, 5)
+    for scale in (2, 3):
+        assert torch.equal(pixel_shuffle(x, scale), hf.model.connector.pixel_shuffle(x, scale))
