@@ -1,0 +1,74 @@
+"""Caption every image of a sharded dataset with SmolVLM, one Parquet file per shard.
+
+    ray job submit --working-dir . -- python jobs/caption_dataset.py \\
+        --input s3://bucket/shards/ --output s3://bucket/captions/run-a
+
+Without a Ray cluster it starts a local Ray instance. Reruns skip committed shards.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# run from a checkout (`ray job submit --working-dir .`) without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+DEFAULT_PROMPT = "Describe this image in one sentence."
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caption_dataset.py",
+        description="Caption image shards (WebDataset .tar, Parquet, image folders) with SmolVLM on Ray Data.",
+    )
+    parser.add_argument("--input", required=True, help="directory/prefix or glob of shards (any fsspec URL)")
+    parser.add_argument("--output", required=True, help="output directory/prefix (any fsspec URL)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="local checkpoint dir or HF model id (default: %(default)s)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="user instruction (default: %(default)r)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="images per generation batch (default: 32 on GPU, 8 on CPU)")
+    parser.add_argument("--replicas", type=positive_int, default=None, help="model replicas (default: one per GPU, or 1 on CPU)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the replicas (default: on for GPU)")
+    parser.add_argument("--image-longest-edge", type=positive_int, default=None, help="resize images to this longest edge (default: the checkpoint's)")
+    parser.add_argument("--no-image-splitting", dest="image_splitting", action="store_false", default=None, help="one tile per image instead of a grid of tiles plus a global view")
+    parser.add_argument("--max-image-pixels", type=positive_int, default=100_000_000, help="larger images become error rows (default: %(default)s)")
+    parser.add_argument("--image-column", default=None, help="Parquet shards: the image-bytes column (default: auto-detect)")
+    parser.add_argument("--key-column", default=None, help="Parquet shards: the sample-key column (default: auto-detect, else the row number)")
+    parser.add_argument("--limit-shards", type=positive_int, default=None, help="process at most N pending shards")
+    parser.add_argument("--storage-options", type=json_object, default={}, help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
+    parser.add_argument("--overwrite", action="store_true", help="start over even if the output holds another job's checkpoints")
+    parser.add_argument("--dry-run", action="store_true", help="list pending and done shards, run nothing")
+    parser.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS", help="if another run holds the output, wait up to this long instead of refusing")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.job import run_job  # imports Ray: only after the flags are known to be good
+
+    return run_job(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
