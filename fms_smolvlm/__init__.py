@@ -11,5 +11,14 @@ from fms_smolvlm.smolvlm import CheckpointError, SmolVLM, SmolVLMConfig
 register_hf_architectures()
 
 from fms_smolvlm.captioner import CaptionResult, Captioner  # noqa: E402  (needs the registrations above)
+from fms_smolvlm.hf_api import export_hf_checkpoint, to_hf_api  # noqa: E402
 
-__all__ = ["CaptionResult", "Captioner", "CheckpointError", "SmolVLM", "SmolVLMConfig"]
+__all__ = [
+    "CaptionResult",
+    "Captioner",
+    "CheckpointError",
+    "SmolVLM",
+    "SmolVLMConfig",
+    "export_hf_checkpoint",
+    "to_hf_api",
+]
