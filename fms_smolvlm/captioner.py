@@ -17,7 +17,7 @@ from fms_smolvlm.smolvlm import SmolVLM
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Describe this image."
-_CHECKPOINT_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer*"]
+_CONFIG_FILES = ["*.json", "*.jinja", "tokenizer*"]
 
 
 @dataclass
@@ -46,8 +46,9 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def resolve_checkpoint(model_dir_or_id) -> Path:
-    """A local checkpoint directory, or a hub model id fetched into (or found in) the HF cache."""
+def resolve_checkpoint(model_dir_or_id, weights: bool = True) -> Path:
+    """A local checkpoint directory, or a hub model id fetched into (or found in) the HF cache
+    (``weights=False``: only its config, processor and tokenizer files)."""
     path = Path(model_dir_or_id).expanduser()
     if path.is_dir():
         return path
@@ -56,13 +57,14 @@ def resolve_checkpoint(model_dir_or_id) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(model_dir_or_id), allow_patterns=_CHECKPOINT_FILES))
+        patterns = _CONFIG_FILES + (["*.safetensors"] if weights else [])
+        return Path(snapshot_download(str(model_dir_or_id), allow_patterns=patterns))
     except Exception as error:  # offline, unknown id, no access: one line naming the model
         raise FileNotFoundError(f"{model_dir_or_id}: cannot fetch from the Hugging Face hub ({error})") from None
 
 
-def check_checkpoint_dir(path: Path) -> dict:
-    """The checkpoint's config, after checking it is a SmolVLM checkpoint with safetensors weights."""
+def check_checkpoint_dir(path: Path, weights: bool = True) -> dict:
+    """The checkpoint's config, after checking it is a SmolVLM checkpoint (with safetensors weights)."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json, not a Hugging Face checkpoint directory")
@@ -73,7 +75,7 @@ def check_checkpoint_dir(path: Path) -> dict:
             f"{path}: architecture {architectures[:1] or 'unknown'} is not SmolVLM "
             f"(expected one of {', '.join(HF_ARCHITECTURES)})"
         )
-    if not any(path.glob("*.safetensors")):
+    if weights and not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors checkpoints are supported)")
     return config
 

@@ -1,0 +1,1 @@
+"""The Ray Data captioning pipeline: shard sources, CPU preprocessing, model replica actors, Parquet commits."""

@@ -1,0 +1,275 @@
+"""The captioning job: shards in, one Parquet file per shard out, resumable.
+
+read (one task per shard) -> preprocess (CPU tasks) -> caption (fixed actor pool) -> commit (streaming sink)
+"""
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import fms_smolvlm
+from fms_smolvlm.captioner import check_checkpoint_dir, resolve_checkpoint
+from fms_smolvlm.processing import SmolVLMPreprocessor
+from pipeline.commit import CHECKPOINTS_DIR, SHARDS_DIR, ShardCommitter, committed_shards
+from pipeline.sources import Shard, discover_shards, read_shard_rows, shard_items
+from pipeline.stages import CaptionActor, preprocess_batch
+from pipeline.storage import join, read_json, resolve, write_json
+
+logger = logging.getLogger("caption_dataset")
+
+JOB_FILE = "_job.json"
+SUMMARY_FILE = "_summary.json"
+FAULT_ENV = "CAPTION_FAULT_AFTER_BATCHES"  # crash-recovery tests: make each replica fail after N batches
+
+
+class JobError(Exception):
+    """Stops the job before (or instead of) any work; the message is one line for the user."""
+
+
+@dataclass
+class Resources:
+    device: str
+    dtype: str
+    replicas: int
+    batch_size: int
+    compile: bool
+
+
+def run_job(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return _run(args)
+    except JobError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    started = time.time()
+    if Path(args.model).is_dir():  # replicas and tasks may run in another working directory
+        args.model = str(Path(args.model).resolve())
+    in_fs, in_path = _resolve_storage(args.input, args.storage_options, "input")
+    out_fs, root = _resolve_storage(args.output, args.storage_options, "output")
+    shards = _discover(in_fs, in_path, args.input)
+    model_dir = _model_files(args.model)
+    preprocessor = SmolVLMPreprocessor.from_pretrained(
+        model_dir, args.image_longest_edge, args.image_splitting, args.max_image_pixels
+    )
+
+    import ray
+
+    if not ray.is_initialized():  # joins the cluster under `ray job submit`, else starts a local instance
+        ray.init(logging_level=logging.WARNING)
+    resources = _resources(args, ray.cluster_resources())
+    fingerprint = job_fingerprint(args, model_dir, preprocessor, resources.dtype)
+
+    done = _check_output(out_fs, root, args.output, fingerprint, args.overwrite, dry_run=args.dry_run)
+    pending = [shard for shard in shards if shard.shard_id not in done]
+    if args.limit_shards is not None:
+        pending = pending[: args.limit_shards]
+    if args.dry_run:
+        _print_plan(shards, done, pending)
+        return 0
+
+    write_json(out_fs, join(root, JOB_FILE), fingerprint)
+    committer = ShardCommitter(out_fs, root)
+    failure = None
+    if pending:
+        logger.info("%d shards pending, %d already done; %s", len(pending), len(done), resources)
+        try:
+            for batch in build_dataset(args, pending, resources).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+                committer.add(batch)
+        except Exception as error:  # a replica died, the model failed: committed shards stay committed
+            failure = " ".join(str(error).split())[:500]
+    else:
+        logger.info("nothing to do: all %d shards are committed", len(shards))
+
+    summary = _summary(committer, pending, done, started, failure)
+    write_json(out_fs, join(root, SUMMARY_FILE), summary)
+    print(json.dumps(summary, indent=2))
+    unfinished = len(pending) - len(committer.stats.committed)
+    if unfinished:
+        reason = failure or "; ".join(f"{k}: {v}" for k, v in committer.stats.failed.items()) or "shards not committed"
+        print(f"error: {unfinished} of {len(pending)} pending shards not committed: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _resolve_storage(url: str, storage_options: dict, what: str):
+    try:
+        return resolve(url, storage_options)
+    except Exception as error:  # unknown protocol, missing s3fs/gcsfs, bad options
+        raise JobError(f"--{what} {url}: {' '.join(str(error).split())}") from None
+
+
+def _discover(fs, path: str, url: str) -> list[Shard]:
+    try:
+        shards = discover_shards(fs, path)
+    except Exception as error:  # unreachable endpoint, no credentials, no such bucket
+        raise JobError(f"cannot list --input {url}: {' '.join(str(error).split()) or type(error).__name__}") from None
+    if not shards:
+        raise JobError(f"no shards under --input {url} (expected .tar, .parquet or folders of images)")
+    return shards
+
+
+def _model_files(model: str) -> Path:
+    """The checkpoint's config and tokenizer files on the driver (weights are loaded by the replicas)."""
+    try:
+        path = resolve_checkpoint(model, weights=False)
+        check_checkpoint_dir(path, weights=False)
+    except (FileNotFoundError, ValueError) as error:
+        raise JobError(f"--model {error}") from None
+    return path
+
+
+def _resources(args, cluster: dict) -> Resources:
+    gpus = int(cluster.get("GPU", 0))
+    device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
+    if device == "cuda" and not gpus:
+        raise JobError("--device cuda, but the Ray cluster has no GPUs")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    replicas = args.replicas or (gpus if device == "cuda" else 1)
+    batch_size = args.batch_size or (32 if device == "cuda" else 8)
+    compile_ = args.compile if args.compile is not None else device == "cuda"
+    return Resources(device, dtype, replicas, batch_size, compile_)
+
+
+def job_fingerprint(args, model_dir: Path, preprocessor: SmolVLMPreprocessor, dtype: str) -> dict:
+    """Everything that decides what the captions are. A rerun into the same output must match it."""
+    return {
+        "model": args.model,
+        "model_revision": model_revision(model_dir),
+        "prompt": args.prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "decoding": "greedy",
+        "dtype": dtype,
+        **preprocessor.fingerprint(),
+        "parquet_image_column": args.image_column,
+        "parquet_key_column": args.key_column,
+        "package_version": fms_smolvlm.__version__,
+    }
+
+
+def model_revision(model_dir: Path) -> str:
+    """A hub snapshot is named by its commit; a local checkpoint by a hash of its config and weights."""
+    if model_dir.parent.name == "snapshots":
+        return f"hub:{model_dir.name}"
+    digest = hashlib.sha256()
+    for file in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _check_output(fs, root: str, url: str, fingerprint: dict, overwrite: bool, dry_run: bool) -> set[str]:
+    """The committed shards this run may skip; refuses an output that holds another job's results."""
+    job_file = join(root, JOB_FILE)
+    existing = read_json(fs, job_file) if fs.exists(job_file) else None
+    if existing is not None and existing != fingerprint:
+        changed = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
+        if not overwrite:
+            raise JobError(
+                f"--output {url} holds a job with different settings ({', '.join(changed)}); "
+                "use another --output, or --overwrite to start over"
+            )
+        if not dry_run:
+            logger.warning("--overwrite: removing the results of the previous job (%s differ)", ", ".join(changed))
+            _remove_results(fs, root)
+        return set()
+    if overwrite and not dry_run:
+        _remove_results(fs, root)
+        return set()
+    return committed_shards(fs, root)
+
+
+def _remove_results(fs, root: str) -> None:
+    for name in (CHECKPOINTS_DIR, SHARDS_DIR):  # checkpoints first: a shard without one is redone
+        if fs.exists(join(root, name)):
+            fs.rm(join(root, name), recursive=True)
+    for name in (SUMMARY_FILE, JOB_FILE):
+        if fs.exists(join(root, name)):
+            fs.rm(join(root, name))
+
+
+def build_dataset(args, pending: list[Shard], resources: Resources):
+    import ray
+
+    fail_after = os.environ.get(FAULT_ENV)
+    dataset = ray.data.from_items(shard_items(pending), override_num_blocks=len(pending))
+    dataset = dataset.flat_map(
+        read_shard_rows,
+        fn_kwargs={"storage_options": args.storage_options, "image_column": args.image_column, "key_column": args.key_column},
+    )
+    dataset = dataset.map_batches(
+        preprocess_batch,
+        batch_format="pyarrow",
+        batch_size=resources.batch_size,
+        # CPU tasks of their own (a concurrency cap also keeps Ray from fusing them into the model actors,
+        # where decoding would stall the accelerator)
+        concurrency=preprocess_concurrency(),
+        fn_kwargs={
+            "model": args.model,
+            "prompt": args.prompt,
+            "image_longest_edge": args.image_longest_edge,
+            "image_splitting": args.image_splitting,
+            "max_image_pixels": args.max_image_pixels,
+        },
+    )
+    return dataset.map_batches(
+        CaptionActor,
+        batch_format="pyarrow",
+        batch_size=resources.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=resources.replicas),  # fixed pool, all replicas started up front
+        num_gpus=1 if resources.device == "cuda" else 0,
+        fn_constructor_kwargs={
+            "model": args.model,
+            "prompt": args.prompt,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": resources.batch_size,
+            "device": resources.device,
+            "dtype": resources.dtype,
+            "compile": resources.compile,
+            "image_longest_edge": args.image_longest_edge,
+            "image_splitting": args.image_splitting,
+            "fail_after_batches": int(fail_after) if fail_after else None,
+        },
+    )
+
+
+def preprocess_concurrency() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _summary(committer: ShardCommitter, pending, done, started: float, failure: Optional[str]) -> dict:
+    wall = time.time() - started
+    stats = committer.stats
+    return {
+        "shards_done": len(stats.committed),
+        "shards_skipped": len(done),
+        "shards_failed": len(pending) - len(stats.committed),
+        "failed_shards": dict(sorted(stats.failed.items())),
+        "images": stats.rows,
+        "error_rows": stats.error_rows,
+        "generated_tokens": stats.generated_tokens,
+        "wall_seconds": round(wall, 2),
+        "images_per_second": round(stats.rows / wall, 3),
+        "generated_tokens_per_second": round(stats.generated_tokens / wall, 2),
+        "failure": failure,
+    }
+
+
+def _print_plan(shards, done, pending) -> None:
+    print(f"{len(shards)} shards: {len(done)} done, {len(pending)} to do")
+    for shard in pending:
+        print(f"  todo  {shard.shard_id}  {shard.url}")
+    for shard_id in sorted(done):
+        print(f"  done  {shard_id}")

@@ -1,0 +1,63 @@
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipeline.testing import sample_images
+
+REPO = Path(__file__).resolve().parents[2]
+JOB_SCRIPT = REPO / "jobs" / "caption_dataset.py"
+
+
+def _load_job_module():
+    spec = importlib.util.spec_from_file_location("caption_dataset", JOB_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+caption_dataset = _load_job_module()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the in-process job runs (the job joins it instead of starting its own)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def run_job(ray_local, checkpoint):
+    """``run_job(input, output, *flags)`` runs the real CLI in-process; returns its exit status."""
+
+    def run(input_url, output_url, *flags, model=None):
+        argv = ["--input", str(input_url), "--output", str(output_url), "--model", str(model or checkpoint),
+                "--max-new-tokens", "6", *flags]
+        return caption_dataset.main(argv)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 HTTP server on 127.0.0.1, with one bucket; yields (fs, storage_options)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("captions-test")
+    yield fs, options
+    server.stop()
+
+
+def expected_images(images_per_shard: int, shard: int, seed: int = 0) -> list[bytes]:
+    """The bytes pipeline.testing wrote for shard number ``shard``."""
+    return [data for _, data in sample_images(images_per_shard, seed + shard)]

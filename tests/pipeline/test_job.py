@@ -1,0 +1,217 @@
+"""The captioning job end to end on a real local Ray instance, on local disk and on S3 (moto's server)."""
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+
+from fms_smolvlm import Captioner
+from pipeline.commit import OUTPUT_SCHEMA
+from pipeline.job import FAULT_ENV
+from pipeline.testing import write_folder_shard, write_parquet_shard, write_sample_shards, write_webdataset_shard
+from tests.pipeline.conftest import expected_images
+
+PROMPT = "Describe this image in one sentence."  # the CLI's default
+IMAGES_PER_SHARD = 3
+
+
+def read_outputs(fs, root: str) -> dict[str, list[dict]]:
+    """shard_id -> rows, from the committed Parquet files."""
+    outputs = {}
+    for path in sorted(fs.glob(f"{root}/shards/*.parquet")):
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        assert table.schema.equals(OUTPUT_SCHEMA), table.schema
+        outputs[path.rsplit("/", 1)[-1][: -len(".parquet")]] = table.to_pylist()
+    return outputs
+
+
+def read_json(fs, path: str) -> dict:
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def write_mixed_input(directory: Path) -> dict[str, tuple[list[str], list[bytes]]]:
+    """One shard of each format; returns shard_id -> (keys, image bytes) in shard order."""
+    images = {fmt: expected_images(IMAGES_PER_SHARD, i) for i, fmt in enumerate(["webdataset", "parquet", "folder"])}
+    with_ext = {fmt: [("jpg", data) for data in images[fmt]] for fmt in images}
+    directory.mkdir(parents=True)
+    return {
+        "part-0.tar": (write_webdataset_shard(directory / "part-0.tar", with_ext["webdataset"]), images["webdataset"]),
+        "part-1.parquet": (write_parquet_shard(directory / "part-1.parquet", with_ext["parquet"]), images["parquet"]),
+        "photos%2Fday1": (write_folder_shard(directory / "photos" / "day1", with_ext["folder"]), images["folder"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_captions(checkpoint):
+    """What Captioner.generate says about every image of the mixed input."""
+    captioner = Captioner.from_pretrained(checkpoint)
+    captions = {}
+    for shard in range(3):
+        images = expected_images(IMAGES_PER_SHARD, shard)
+        for data, result in zip(images, captioner.generate(images, PROMPT, max_new_tokens=6)):
+            captions[data] = result.text
+    return captions
+
+
+def assert_output_matches(fs, root, shards, reference_captions):
+    outputs = read_outputs(fs, root)
+    assert sorted(outputs) == sorted(shards)
+    for shard_id, (keys, images) in shards.items():
+        rows = outputs[shard_id]
+        assert [row["key"] for row in rows] == keys  # exactly one row per sample, in shard order
+        for row, data in zip(rows, images):
+            assert row["shard_id"] == shard_id and row["error"] is None
+            assert row["caption"] == reference_captions[data]
+            assert row["finish_reason"] in ("stop", "length") and 0 < row["num_generated_tokens"] <= 6
+            assert row["num_image_tokens"] > 0 and row["width"] > 0 and row["height"] > 0
+        checkpoint = read_json(fs, f"{root}/_checkpoints/{shard_id}.json")
+        assert checkpoint["rows"] == len(keys) and checkpoint["error_rows"] == 0 and checkpoint["replicas"]
+    summary = read_json(fs, f"{root}/_summary.json")
+    assert summary["shards_done"] == len(shards) and summary["images"] == len(shards) * IMAGES_PER_SHARD
+    assert read_json(fs, f"{root}/_job.json")["prompt"] == PROMPT
+
+
+def test_every_format_on_local_disk(run_job, tmp_path, reference_captions):
+    shards = write_mixed_input(tmp_path / "input")
+    assert run_job(tmp_path / "input", tmp_path / "output") == 0
+    assert_output_matches(fsspec.filesystem("file"), str(tmp_path / "output"), shards, reference_captions)
+
+
+def test_every_format_on_s3(run_job, tmp_path, s3_server, reference_captions):
+    fs, options = s3_server
+    shards = write_mixed_input(tmp_path / "input")
+    fs.put(str(tmp_path / "input"), "captions-test/mixed/input", recursive=True)
+    status = run_job("s3://captions-test/mixed/input", "s3://captions-test/mixed/output",
+                     "--storage-options", json.dumps(options))
+    assert status == 0
+    fs.invalidate_cache()
+    assert_output_matches(fs, "captions-test/mixed/output", shards, reference_captions)
+
+
+def tar_of(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as archive:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+
+
+def test_bad_data_becomes_error_rows(run_job, tmp_path):
+    good = expected_images(2, 0)
+    (tmp_path / "input").mkdir()
+    tar_of(tmp_path / "input" / "bad.tar", {
+        "a.jpg": good[0],
+        "b.jpg": good[1][: len(good[1]) // 3],  # truncated
+        "c.png": b"this is a text file with an image extension",
+        "d.json": b"{}",  # a sample without an image
+    })
+    tar_of(tmp_path / "input" / "empty.tar", {})
+    tar_of(tmp_path / "input" / "single.tar", {"only.jpg": good[0]})
+    assert run_job(tmp_path / "input", tmp_path / "output") == 0
+    outputs = read_outputs(fsspec.filesystem("file"), str(tmp_path / "output"))
+    assert sorted(outputs) == ["bad.tar", "empty.tar", "single.tar"]
+    assert outputs["empty.tar"] == []
+    assert [row["key"] for row in outputs["single.tar"]] == ["only"] and outputs["single.tar"][0]["error"] is None
+    bad = {row["key"]: row for row in outputs["bad.tar"]}
+    assert sorted(bad) == ["a", "b", "c", "d"]
+    assert bad["a"]["error"] is None and bad["a"]["caption"]
+    assert "truncated" in bad["b"]["error"] and bad["b"]["caption"] is None
+    assert bad["c"]["error"] == "not an image (unrecognised file format)"
+    assert bad["d"]["error"] == "sample has no image file (json)"
+    checkpoint = json.loads((tmp_path / "output" / "_checkpoints" / "bad.tar.json").read_text())
+    assert checkpoint["rows"] == 4 and checkpoint["error_rows"] == 3
+
+
+def test_unreadable_shard_fails_alone(run_job, tmp_path, capsys):
+    write_sample_shards(tmp_path / "input", shards=1, images_per_shard=2)
+    (tmp_path / "input" / "broken.tar").write_bytes(b"\x00garbage that is no tar archive" * 40)
+    assert run_job(tmp_path / "input", tmp_path / "output") == 1
+    assert "1 of 2 pending shards not committed" in capsys.readouterr().err
+    outputs = read_outputs(fsspec.filesystem("file"), str(tmp_path / "output"))
+    assert sorted(outputs) == ["part-00000.tar"]
+    summary = json.loads((tmp_path / "output" / "_summary.json").read_text())
+    assert summary["shards_failed"] == 1 and "broken.tar" in summary["failed_shards"]
+
+
+def test_resume_after_failure_processes_only_unfinished_shards(run_job, tmp_path, monkeypatch):
+    written = write_sample_shards(tmp_path / "input", shards=6, images_per_shard=2)
+    output = tmp_path / "output"
+    monkeypatch.setenv(FAULT_ENV, "6")  # the replica dies after 6 of 12 one-image batches
+    assert run_job(tmp_path / "input", output, "--batch-size", "1") == 1
+    committed = sorted(p.name for p in (output / "_checkpoints").glob("*.json"))
+    # progress is durable while the job runs: about half the shards are committed, not none
+    assert 2 <= len(committed) <= 4, committed
+    first_run = {p.name: p.stat().st_mtime_ns for p in (output / "shards").glob("*.parquet")}
+
+    monkeypatch.delenv(FAULT_ENV)
+    assert run_job(tmp_path / "input", output, "--batch-size", "1") == 0
+    summary = json.loads((output / "_summary.json").read_text())
+    assert summary["shards_skipped"] == len(committed) and summary["shards_done"] == 6 - len(committed)
+    outputs = read_outputs(fsspec.filesystem("file"), str(output))
+    assert {shard: [row["key"] for row in rows] for shard, rows in outputs.items()} == written
+    for name in (f"{shard}.parquet" for shard in (c[: -len(".json")] for c in committed)):
+        assert (output / "shards" / name).stat().st_mtime_ns == first_run[name]  # not redone
+
+    # a rerun with the same flags does no model work: a replica that would fail on its first batch is never used
+    monkeypatch.setenv(FAULT_ENV, "0")
+    assert run_job(tmp_path / "input", output, "--batch-size", "1") == 0
+    assert json.loads((output / "_summary.json").read_text())["shards_done"] == 0
+
+
+def test_changed_settings_are_refused_unless_overwrite(run_job, tmp_path, capsys):
+    write_sample_shards(tmp_path / "input", shards=2, images_per_shard=1)
+    assert run_job(tmp_path / "input", tmp_path / "output") == 0
+    capsys.readouterr()
+    assert run_job(tmp_path / "input", tmp_path / "output", "--prompt", "What color dominates?") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "different settings (prompt)" in error and "--overwrite" in error
+    assert run_job(tmp_path / "input", tmp_path / "output", "--prompt", "What color dominates?", "--overwrite") == 0
+    assert json.loads((tmp_path / "output" / "_summary.json").read_text())["shards_done"] == 2
+    assert json.loads((tmp_path / "output" / "_job.json").read_text())["prompt"] == "What color dominates?"
+
+
+def test_new_shard_in_a_growing_input_is_the_only_work(run_job, tmp_path):
+    write_sample_shards(tmp_path / "input", shards=2, images_per_shard=1)
+    assert run_job(tmp_path / "input", tmp_path / "output") == 0
+    write_sample_shards(tmp_path / "new", shards=3, images_per_shard=1)
+    shutil.copy(tmp_path / "new" / "part-00002.tar", tmp_path / "input" / "part-00002.tar")
+    assert run_job(tmp_path / "input", tmp_path / "output") == 0
+    summary = json.loads((tmp_path / "output" / "_summary.json").read_text())
+    assert (summary["shards_done"], summary["shards_skipped"], summary["images"]) == (1, 2, 1)
+
+
+def test_dry_run_lists_and_writes_nothing(run_job, tmp_path, capsys):
+    write_sample_shards(tmp_path / "input", shards=2, images_per_shard=1)
+    assert run_job(tmp_path / "input", tmp_path / "output", "--limit-shards", "1") == 0
+    capsys.readouterr()
+    assert run_job(tmp_path / "input", tmp_path / "output", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "2 shards: 1 done, 1 to do" in out and "todo  part-00001.tar" in out and "done  part-00000.tar" in out
+    assert sorted(p.name for p in (tmp_path / "output" / "shards").iterdir()) == ["part-00000.tar.parquet"]
+
+
+UNREACHABLE = '{"key": "a", "secret": "b", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}'
+
+
+@pytest.mark.parametrize(
+    "input_url, model, flags, message",
+    [
+        ("/nonexistent/shards", None, [], "cannot list --input /nonexistent/shards"),
+        (None, "/nonexistent/model", [], "--model /nonexistent/model: not a checkpoint directory"),
+        ("s3://no-such-bucket/x", None, ["--storage-options", UNREACHABLE], "cannot list --input s3://no-such-bucket/x"),
+    ],
+    ids=["missing-input", "missing-model", "unreachable-bucket"],
+)
+def test_bad_flags_stop_before_any_work(run_job, tmp_path, capsys, input_url, model, flags, message):
+    write_sample_shards(tmp_path / "input", shards=1, images_per_shard=1)
+    status = run_job(input_url or tmp_path / "input", tmp_path / "output", *flags, model=model)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(error) == 1 and message in error[0], error
+    assert not (tmp_path / "output").exists()

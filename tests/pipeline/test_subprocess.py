@@ -1,0 +1,104 @@
+"""The job as users start it: a driver process that can be killed, and `ray job submit` to `ray start --head`."""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import fsspec
+import pytest
+
+from pipeline.testing import write_sample_shards
+from tests.pipeline.conftest import JOB_SCRIPT, REPO
+from tests.pipeline.test_job import read_outputs
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll a condition with a deadline (the subject is another process's progress on disk)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def job_command(input_dir, output_dir, model, *flags):
+    return [sys.executable, str(JOB_SCRIPT), "--input", str(input_dir), "--output", str(output_dir),
+            "--model", str(model), "--max-new-tokens", "4", *flags]
+
+
+def test_kill_9_of_the_driver_loses_nothing_and_duplicates_nothing(checkpoint, tmp_path, run_job):
+    written = write_sample_shards(tmp_path / "input", shards=6, images_per_shard=2)
+    output = tmp_path / "output"
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # its own local Ray, which dies with its process group
+    driver = subprocess.Popen(job_command(tmp_path / "input", output, checkpoint, "--batch-size", "1"),
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(list((output / "_checkpoints").glob("*.json"))) >= 2, 300, "two committed shards")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    killed_at = {p.name for p in (output / "_checkpoints").glob("*.json")}
+    assert 2 <= len(killed_at) < 6
+
+    assert run_job(tmp_path / "input", output, "--max-new-tokens", "4", "--batch-size", "1") == 0
+    summary = json.loads((output / "_summary.json").read_text())
+    assert summary["shards_done"] + summary["shards_skipped"] == 6 and summary["shards_skipped"] >= len(killed_at)
+    outputs = read_outputs(fsspec.filesystem("file"), str(output))
+    assert {shard: [row["key"] for row in rows] for shard, rows in outputs.items()} == written
+    assert not list(output.rglob("*.tmp-*"))  # no half-written file survives
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head` with the dashboard on 127.0.0.1 and token authentication (Ray's default) kept on."""
+    dashboard = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # as in an activated venv: `python` is ours
+    env.pop("RAY_ADDRESS", None)
+    start = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+             "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", temp_dir]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_to_a_head_node(checkpoint, tmp_path, ray_head):
+    address, env = ray_head
+    written = write_sample_shards(tmp_path / "input", shards=2, images_per_shard=2)
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+              "python", "jobs/caption_dataset.py", "--input", str(tmp_path / "input"),
+              "--output", str(tmp_path / "output"), "--model", str(checkpoint), "--max-new-tokens", "4"]
+    result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout
+    listed = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
+    assert "SUCCEEDED" in listed.stdout
+    outputs = read_outputs(fsspec.filesystem("file"), str(tmp_path / "output"))
+    assert {shard: [row["key"] for row in rows] for shard, rows in outputs.items()} == written
+
+    # without the cluster's token the job API refuses: authentication stays on
+    anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    anonymous["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "no-token")
+    refused = subprocess.run([RAY, "job", "list", "--address", address], env=anonymous, capture_output=True, text=True)
+    assert refused.returncode != 0
