@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from fms.modules.attention import _sdpa_compute_op, register_attention_op
 
-from fms_smolvlm.smolvlm import SmolVLM
+from fms_smolvlm.smolvlm import SmolVLM, attention_mask_3d
 
 ATTN_NAME = "smolvlm_static_cache"
 # powers of two with a 1.5x step in between: at most a third of a bucket is padding
@@ -290,9 +290,7 @@ class GenerationEngine:
         slots = torch.arange(cache_len, device=device)
         key_valid = (slots[None, :] >= first_t[:, None]) & (slots[None, :] < prompt_len)
         positions = (slots[None, :prompt_len] - first_t[:, None]).clamp(min=0)
-        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
-        # a padding position attends to itself, so that no softmax row is empty
-        mask = (causal[None] & key_valid[:, None, :prompt_len]) | torch.eye(prompt_len, dtype=torch.bool, device=device)
+        mask = attention_mask_3d(key_valid[:, :prompt_len], prompt_len)
 
         ids_t = torch.from_numpy(ids).to(device)
         tiles = [r.tiles for r in requests if r.tiles is not None and len(r.tiles)]

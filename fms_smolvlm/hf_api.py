@@ -24,6 +24,7 @@ from fms_smolvlm.smolvlm import (
     SmolVLM,
     SmolVLMConfig,
     _check_hf_checkpoint,
+    attention_mask_3d,
     fms_to_hf_name,
     hf_weight_shapes,
     patch_mask_from_pixel_mask,
@@ -93,15 +94,6 @@ def real_tiles(pixel_values: torch.Tensor, pixel_attention_mask: Optional[torch.
         return tiles[real], None
     patch_mask = patch_mask_from_pixel_mask(pixel_attention_mask.flatten(0, 1)[real], patch_size)
     return tiles[real], None if patch_mask.all() else patch_mask
-
-
-def attention_mask_3d(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-    """HF's 2-D ``(batch, kv_len)`` key mask -> FMS's boolean ``(batch, query_len, kv_len)``. The queries are the
-    last ``query_len`` positions; each sees the valid keys up to itself, a padding query itself (no empty row)."""
-    kv_len = attention_mask.shape[1]
-    keys = torch.arange(kv_len, device=attention_mask.device)
-    queries = keys[kv_len - query_len :, None]
-    return ((keys <= queries)[None] & attention_mask.bool()[:, None, :]) | (keys == queries)[None]
 
 
 class HFAdaptedSmolVLM(PreTrainedModel, GenerationMixin):

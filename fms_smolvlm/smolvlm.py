@@ -138,6 +138,15 @@ def merge_image_features(embeds: torch.Tensor, image_mask: torch.Tensor, feature
     return torch.where(image_mask[..., None], gathered.to(embeds.dtype), embeds)
 
 
+def attention_mask_3d(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+    """HF's 2-D ``(batch, kv_len)`` key mask -> FMS's boolean ``(batch, query_len, kv_len)``. The queries are the
+    last ``query_len`` positions; each sees the valid keys up to itself, a padding query itself (no empty row)."""
+    kv_len = attention_mask.shape[1]
+    keys = torch.arange(kv_len, device=attention_mask.device)
+    queries = keys[kv_len - query_len :, None]
+    return ((keys <= queries)[None] & attention_mask.bool()[:, None, :]) | (keys == queries)[None]
+
+
 def check_image_token_count(num_image_tokens: int, num_features: int) -> None:
     if num_image_tokens != num_features:
         raise ValueError(
@@ -483,7 +492,7 @@ def hf_weight_shapes(config: SmolVLMConfig) -> dict[str, tuple[int, ...]]:
         "model.vision_model.post_layernorm.weight": (d,),
         "model.vision_model.post_layernorm.bias": (d,),
     }
-    vision_mlp = int(vision.intermediate_size / vision.hidden_size * vision.hidden_size)
+    vision_mlp = vision.intermediate_size
     for i in range(vision.nlayers):
         layer = f"model.vision_model.encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -565,8 +574,9 @@ def _hf_to_fms_rope(
     input_sd: Mapping[str, Any], model_config: Optional[SmolVLMConfig] = None, **kwargs
 ) -> Mapping[str, Any]:
     """HF rotates dims (i, i + d/2) together; FMS rotates adjacent pairs (2i, 2i + 1). Reorder q/k rows to match."""
-    text = (model_config or SmolVLMConfig()).text_config
-    head_dim = text.emb_dim // text.nheads
+    if model_config is None:
+        raise ValueError("the hf_to_fms_rope step needs the model config (for the head size)")
+    head_dim = model_config.text_config.emb_dim // model_config.text_config.nheads
     new_sd = dict(input_sd)
     for name, param in input_sd.items():
         if _ROPE_WEIGHT.search(name):

@@ -30,11 +30,3 @@ def hf_inputs(processor, prompts, images=None, **kwargs):
 def generate_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """What HF generate uses: positions count real tokens only, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def real_tiles(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor):
-    """HF's padded (batch, max_tiles, ...) layout -> the real tiles in order, and their pixel masks."""
-    tiles = pixel_values.flatten(0, 1)
-    masks = pixel_attention_mask.flatten(0, 1)
-    real = (tiles == 0).flatten(1).sum(1) != tiles[0].numel()  # HF's rule: an all-zero tile is padding
-    return tiles[real], masks[real]

@@ -10,7 +10,8 @@ from PIL import Image
 
 from fms_smolvlm.processing import ImageError, SmolVLMPreprocessor, decode_image, image_prompt
 from tests.conftest import random_image
-from tests.hf_reference import chat_prompt, hf_processor, real_tiles
+from fms_smolvlm.hf_api import real_tiles
+from tests.hf_reference import chat_prompt, hf_processor
 
 # (width, height): tiny, square, wide, tall, extreme, odd sizes; some larger than longest_edge, some smaller
 SIZES = [
@@ -29,7 +30,7 @@ def encoded(image: Image.Image, fmt: str = "PNG", **save_kwargs) -> bytes:
 
 def hf_single(processor, image, prompt):
     inputs = processor(text=[chat_prompt(processor, prompt)], images=[[image]], return_tensors="pt")
-    tiles, _ = real_tiles(inputs["pixel_values"], inputs["pixel_attention_mask"])
+    tiles, _ = real_tiles(inputs["pixel_values"], inputs["pixel_attention_mask"], patch_size=1)
     return inputs["input_ids"][0].numpy(), tiles
 
 

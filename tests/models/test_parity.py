@@ -4,22 +4,22 @@ import pytest
 import torch
 from fms.models import get_model
 
-from fms_smolvlm.smolvlm import patch_mask_from_pixel_mask, pixel_shuffle
+from fms_smolvlm.hf_api import real_tiles
+from fms_smolvlm.smolvlm import attention_mask_3d, patch_mask_from_pixel_mask, pixel_shuffle
 from tests.conftest import CHECKPOINT_CONFIGS, random_image
-from tests.hf_reference import generate_position_ids, hf_inputs, hf_model, hf_processor, real_tiles
+from tests.hf_reference import generate_position_ids, hf_inputs, hf_model, hf_processor
 
 TOLERANCE = 1e-4  # of the logits' scale
 
 
 def fms_logits(model, inputs):
     """Our forward on the HF processor's inputs: real tiles only, HF generate's position ids, a left-padding mask."""
-    attention = inputs["attention_mask"].bool()
-    length = attention.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    mask = (causal[None] & attention[:, None, :]) | torch.eye(length, dtype=torch.bool)[None]
+    attention = inputs["attention_mask"]
     tiles = None
     if "pixel_values" in inputs:
-        tiles, _ = real_tiles(inputs["pixel_values"], inputs["pixel_attention_mask"])
+        patch_size = model.config.vision_config.patch_size
+        tiles, _ = real_tiles(inputs["pixel_values"], inputs["pixel_attention_mask"], patch_size)
+    mask = attention_mask_3d(attention, attention.shape[1])
     return model(inputs["input_ids"], pixel_values=tiles, position_ids=generate_position_ids(attention), mask=mask)
 
 
