@@ -1,0 +1,244 @@
+"""One live run per output: a lease that a run takes atomically, renews while it works and releases.
+
+Scheduled runs (a RayCronJob, a CronJob, a user's on-demand RayJob) overlap when one runs long; two runs
+committing into one output would race on its shards and checkpoints. So a run first takes the output's lease:
+
+    OUTPUT/_lease/<generation>.json   # owner, host, pid, acquired_at, heartbeat_at, expires_at, released
+
+The newest generation is the lease. A run takes it by creating generation N+1 *exclusively* once generation N
+is released or expired (generation 0 when there is none). Of all the runs racing for N+1 exactly one creates
+it, so taking a free lease and taking over a crashed run's expired one are the same atomic step, with no
+delete-then-create window. The holder rewrites its own generation every ``heartbeat_s``; a crashed run stops
+doing so and its lease expires ``ttl_s`` after its last heartbeat.
+
+Expiry compares the holder's wall clock (``expires_at``) with the reader's: keep ``ttl_s`` well above the
+clock skew between machines (NTP keeps it under a second; the default ttl is minutes).
+"""
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.storage import join, list_names, write_atomic
+
+logger = logging.getLogger(__name__)
+
+LEASE_DIR = "_lease"
+
+
+class LeaseHeldError(ValueError):
+    """Another live run holds the output's lease."""
+
+    def __init__(self, message: str, holder: "Holder"):
+        super().__init__(message)
+        self.holder = holder
+
+
+class LeaseLostError(RuntimeError):
+    """This run no longer holds its lease: it stalled past ``ttl_s`` and another run may have taken over."""
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole new file at ``path``, or raise FileExistsError (and write nothing) if it exists.
+
+    Local disk: write a temporary file and hard-link it into place; link() fails when the name exists, and
+    readers never see a partly written file (an O_EXCL create would show them an empty one). S3: a
+    conditional PUT (``If-None-Match: *``), which s3fs sends for ``mode="create"``. Other fsspec backends get
+    their own ``mode="create"``, which fsspec's generic fallback implements as check-then-write (not atomic).
+    """
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        finally:
+            os.remove(temporary)
+    else:
+        fs.pipe_file(path, data, mode="create")
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _timestamp(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The newest lease record of an output."""
+
+    generation: int
+    record: dict
+
+    def live(self, now: float) -> bool:
+        return not self.record["released"] and now < _timestamp(self.record["expires_at"])
+
+    def __str__(self) -> str:
+        r = self.record
+        return (
+            f"owner {r['owner']} on host {r['host']} (pid {r['pid']}) since {r['acquired_at']}, "
+            f"last heartbeat {r['heartbeat_at']}, lease expires {r['expires_at']}"
+        )
+
+
+class OutputLease:
+    """The lease on one output directory/prefix ``root`` of ``fs``.
+
+    ``with OutputLease(fs, root).acquire(wait_s=60):`` holds it for the block, renewing it from a background
+    thread. Before each commit a long run can call ``check()``, which raises once the lease is lost.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, ttl_s: float = 180.0, heartbeat_s: float = 30.0):
+        if not 0 < 2 * heartbeat_s <= ttl_s:
+            raise ValueError(f"heartbeat_s must be positive and at most ttl_s / 2, got {heartbeat_s} and {ttl_s}")
+        self.fs = fs
+        self.url = fs.unstrip_protocol(root)
+        self.directory = join(root, LEASE_DIR)
+        self.ttl_s = ttl_s
+        self.heartbeat_s = heartbeat_s
+        self.owner = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.generation: int | None = None
+        self._acquired_at = 0.0
+        self._expires_at = 0.0
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def acquire(self, wait_s: float = 0.0) -> "OutputLease":
+        """Take the lease; while another live run holds it, retry for up to ``wait_s`` seconds, then raise
+        LeaseHeldError naming the holder."""
+        deadline = time.monotonic() + wait_s
+        waiting = False
+        while True:
+            holder = self.holder()
+            if holder is None or not holder.live(time.time()):
+                generation = 0 if holder is None else holder.generation + 1
+                if self._take(generation):
+                    return self
+                continue  # another run created this generation first: read what it wrote
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LeaseHeldError(f"{self.url} is in use by another run: {holder}", holder)
+            if not waiting:
+                logger.info("%s is in use by another run (%s); waiting up to %.0f s", self.url, holder, wait_s)
+                waiting = True
+            # a release is seen within half a heartbeat; polling longer lists the store for nothing
+            time.sleep(min(remaining, self.heartbeat_s / 2))
+
+    def holder(self) -> Holder | None:
+        """The newest lease record, or None if this output was never leased."""
+        while True:
+            generations = [int(name) for name in list_names(self.fs, self.directory, ".json") if name.isdigit()]
+            if not generations:
+                return None
+            newest = max(generations)
+            try:
+                # cat_file is one GET; open() could trust a listing's cached size for a file rewritten since
+                return Holder(newest, json.loads(self.fs.cat_file(self._path(newest))))
+            except FileNotFoundError:
+                continue  # pruned by a newer holder between listing and reading: list again
+
+    def check(self) -> None:
+        """Raise LeaseLostError unless this run still holds the lease."""
+        if self.generation is None:
+            raise LeaseLostError(f"the lease on {self.url} is not held")
+        if self._lost.is_set() or time.time() >= self._expires_at:
+            raise LeaseLostError(f"lost the lease on {self.url}: not renewed for {self.ttl_s:.0f} s, or taken over")
+
+    def release(self) -> None:
+        """Stop renewing and mark the lease released, so that the next run need not wait for it to expire."""
+        if self.generation is None:
+            return
+        self._stop.set()
+        self._heartbeat.join()
+        if not self._lost.is_set():
+            try:
+                write_atomic(self.fs, self._path(self.generation), self._record(time.time(), released=True))
+            except OSError as error:  # the run's work is done either way; only the next run may have to wait
+                logger.warning("could not release the lease on %s (it expires in %.0f s): %s", self.url, self.ttl_s, error)
+        self.generation = None
+
+    def __enter__(self) -> "OutputLease":
+        return self if self.generation is not None else self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def _path(self, generation: int) -> str:
+        return join(self.directory, f"{generation:08d}.json")
+
+    def _record(self, now: float, released: bool = False) -> bytes:
+        record = {
+            "owner": self.owner,
+            "host": self.host,
+            "pid": self.pid,
+            "acquired_at": _iso(self._acquired_at),
+            "heartbeat_at": _iso(now),
+            "expires_at": _iso(now if released else now + self.ttl_s),
+            "released": released,
+        }
+        return (json.dumps(record, indent=2) + "\n").encode()
+
+    def _take(self, generation: int) -> bool:
+        now = self._acquired_at = time.time()
+        try:
+            create_exclusive(self.fs, self._path(generation), self._record(now))
+        except FileExistsError:
+            return False
+        self.generation = generation
+        self._expires_at = now + self.ttl_s
+        self._lost.clear()
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"lease-heartbeat {self.url}", daemon=True)
+        self._heartbeat.start()
+        self._prune(generation)
+        logger.info("took the lease on %s (generation %d, owner %s)", self.url, generation, self.owner)
+        return True
+
+    def _prune(self, generation: int) -> None:
+        """Keep the previous record (who ran last, and how it ended) and ours; older ones are history.
+
+        Housekeeping only: a record that cannot be deleted now (a racing pruner got it first, a flaky store)
+        goes with the next run's pruning.
+        """
+        with suppress(OSError):
+            for name in list_names(self.fs, self.directory, ".json"):
+                if name.isdigit() and int(name) < generation - 1:
+                    self.fs.rm_file(self._path(int(name)))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._renew()
+            except LeaseLostError as error:
+                logger.error("%s", error)
+                self._lost.set()
+                return
+            except OSError as error:  # a flaky store: retry next beat; check() fails once the lease runs out
+                logger.warning("could not renew the lease on %s: %s", self.url, error)
+
+    def _renew(self) -> None:
+        holder = self.holder()
+        if holder is None or holder.generation != self.generation:
+            raise LeaseLostError(f"lost the lease on {self.url}: taken over by {holder}")
+        now = time.time()
+        write_atomic(self.fs, self._path(self.generation), self._record(now))
+        self._expires_at = now + self.ttl_s
