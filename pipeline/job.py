@@ -211,9 +211,9 @@ def build_dataset(args, pending: list[Shard], resources: Resources):
         preprocess_batch,
         batch_format="pyarrow",
         batch_size=resources.batch_size,
-        # CPU tasks of their own (a concurrency cap also keeps Ray from fusing them into the model actors,
-        # where decoding would stall the accelerator)
-        concurrency=preprocess_concurrency(),
+        # CPU tasks of their own (a task-pool cap also keeps Ray from fusing them into the model actors,
+        # where image decoding would stall the accelerator)
+        compute=ray.data.TaskPoolStrategy(size=preprocess_concurrency()),
         fn_kwargs={
             "model": args.model,
             "prompt": args.prompt,
