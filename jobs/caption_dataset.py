@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="start over even if the output holds another job's checkpoints")
     parser.add_argument("--dry-run", action="store_true", help="list pending and done shards, run nothing")
     parser.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS", help="if another run holds the output, wait up to this long instead of refusing")
+    parser.add_argument("--lease-ttl", type=float, default=180.0, metavar="SECONDS", help="a crashed run's hold on the output expires this long after its last heartbeat (default: %(default)s)")
     return parser
 
 

@@ -9,6 +9,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import fsspec
 import pyarrow as pa
@@ -73,9 +74,11 @@ class CommitStats:
 
 
 class ShardCommitter:
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str):
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, before_commit: Callable[[], None] = lambda: None):
+        """``before_commit`` raises to stop the run from writing (the output lease was lost)."""
         self.fs = fs
         self.root = root
+        self.before_commit = before_commit
         self.open: dict[str, _OpenShard] = {}
         self.stats = CommitStats()
 
@@ -95,6 +98,7 @@ class ShardCommitter:
 
     def _commit(self, shard_id: str, shard: _OpenShard) -> None:
         rows = [shard.rows[index] for index in sorted(shard.rows)]
+        self.before_commit()
         write_atomic(self.fs, shard_file(self.root, shard_id), parquet_bytes(rows))
         errors = sum(row["error"] is not None for row in rows)
         tokens = sum(row["num_generated_tokens"] or 0 for row in rows)

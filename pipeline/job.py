@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +17,7 @@ import fms_smolvlm
 from fms_smolvlm.captioner import check_checkpoint_dir, resolve_checkpoint
 from fms_smolvlm.processing import SmolVLMPreprocessor
 from pipeline.commit import CHECKPOINTS_DIR, SHARDS_DIR, ShardCommitter, committed_shards
+from pipeline.lease import LeaseHeldError, OutputLease
 from pipeline.sources import Shard, discover_shards, read_shard_rows, shard_items
 from pipeline.stages import CaptionActor, preprocess_batch
 from pipeline.storage import join, read_json, resolve, write_json
@@ -68,24 +69,33 @@ def _run(args) -> int:
         ray.init(logging_level=logging.WARNING)
     resources = _resources(args, ray.cluster_resources())
     fingerprint = job_fingerprint(args, model_dir, preprocessor, resources.dtype)
-
-    done = _check_output(out_fs, root, args.output, fingerprint, args.overwrite, dry_run=args.dry_run)
-    pending = [shard for shard in shards if shard.shard_id not in done]
-    if args.limit_shards is not None:
-        pending = pending[: args.limit_shards]
     if args.dry_run:
-        _print_plan(shards, done, pending)
+        done = _check_output(out_fs, root, args.output, fingerprint, args.overwrite, dry_run=True)
+        _print_plan(shards, done, _pending(shards, done, args.limit_shards), _lease(out_fs, root, args).holder())
         return 0
 
+    try:
+        lease = _lease(out_fs, root, args).acquire(wait_s=args.wait_for_lease)
+    except LeaseHeldError as error:
+        raise JobError(f"--output {error}") from None
+    with lease:
+        return _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, lease, started)
+
+
+def _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, lease, started) -> int:
+    done = _check_output(out_fs, root, args.output, fingerprint, args.overwrite, dry_run=False)
+    pending = _pending(shards, done, args.limit_shards)
     write_json(out_fs, join(root, JOB_FILE), fingerprint)
-    committer = ShardCommitter(out_fs, root)
+    committer = ShardCommitter(out_fs, root, before_commit=lease.check)
     failure = None
     if pending:
         logger.info("%d shards pending, %d already done; %s", len(pending), len(done), resources)
         try:
-            for batch in build_dataset(args, pending, resources).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            dataset = build_dataset(args, pending, resources)
+            # no prefetch: a shard's last rows reach the commit as soon as they exist, also when the run then fails
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                 committer.add(batch)
-        except Exception as error:  # a replica died, the model failed: committed shards stay committed
+        except Exception as error:  # a replica died, the lease was lost: committed shards stay committed
             failure = " ".join(str(error).split())[:500]
     else:
         logger.info("nothing to do: all %d shards are committed", len(shards))
@@ -99,6 +109,15 @@ def _run(args) -> int:
         print(f"error: {unfinished} of {len(pending)} pending shards not committed: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _pending(shards: list[Shard], done: set[str], limit: Optional[int]) -> list[Shard]:
+    pending = [shard for shard in shards if shard.shard_id not in done]
+    return pending if limit is None else pending[:limit]
+
+
+def _lease(fs, root: str, args) -> OutputLease:
+    return OutputLease(fs, root, ttl_s=args.lease_ttl, heartbeat_s=min(30.0, args.lease_ttl / 3))
 
 
 def _resolve_storage(url: str, storage_options: dict, what: str):
@@ -267,8 +286,10 @@ def _summary(committer: ShardCommitter, pending, done, started: float, failure: 
     }
 
 
-def _print_plan(shards, done, pending) -> None:
+def _print_plan(shards, done, pending, holder) -> None:
     print(f"{len(shards)} shards: {len(done)} done, {len(pending)} to do")
+    if holder is not None and holder.live(time.time()):
+        print(f"lease: {holder}")
     for shard in pending:
         print(f"  todo  {shard.shard_id}  {shard.url}")
     for shard_id in sorted(done):

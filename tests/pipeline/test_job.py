@@ -13,6 +13,7 @@ import pytest
 from fms_smolvlm import Captioner
 from pipeline.commit import OUTPUT_SCHEMA
 from pipeline.job import FAULT_ENV
+from pipeline.lease import OutputLease
 from pipeline.testing import write_folder_shard, write_parquet_shard, write_sample_shards, write_webdataset_shard
 from tests.pipeline.conftest import expected_images
 
@@ -195,6 +196,19 @@ def test_dry_run_lists_and_writes_nothing(run_job, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 shards: 1 done, 1 to do" in out and "todo  part-00001.tar" in out and "done  part-00000.tar" in out
     assert sorted(p.name for p in (tmp_path / "output" / "shards").iterdir()) == ["part-00000.tar.parquet"]
+
+
+def test_a_second_run_on_a_leased_output_is_refused(run_job, tmp_path, capsys):
+    write_sample_shards(tmp_path / "input", shards=1, images_per_shard=1)
+    output = str(tmp_path / "output")
+    with OutputLease(fsspec.filesystem("file"), output).acquire():  # another run holds the output
+        assert run_job(tmp_path / "input", output) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.count("\n") == 0 and "is in use by another run" in error
+        assert run_job(tmp_path / "input", output, "--dry-run") == 0
+        assert "lease: " in capsys.readouterr().out
+    assert not (tmp_path / "output" / "shards").exists()
+    assert run_job(tmp_path / "input", output) == 0  # released: the next run proceeds
 
 
 UNREACHABLE = '{"key": "a", "secret": "b", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}'

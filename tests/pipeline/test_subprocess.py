@@ -40,7 +40,8 @@ def test_kill_9_of_the_driver_loses_nothing_and_duplicates_nothing(checkpoint, t
     written = write_sample_shards(tmp_path / "input", shards=6, images_per_shard=2)
     output = tmp_path / "output"
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own local Ray, which dies with its process group
-    driver = subprocess.Popen(job_command(tmp_path / "input", output, checkpoint, "--batch-size", "1"),
+    killed_run = job_command(tmp_path / "input", output, checkpoint, "--batch-size", "1", "--lease-ttl", "3")
+    driver = subprocess.Popen(killed_run,
                               env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(list((output / "_checkpoints").glob("*.json"))) >= 2, 300, "two committed shards")
@@ -50,7 +51,8 @@ def test_kill_9_of_the_driver_loses_nothing_and_duplicates_nothing(checkpoint, t
     killed_at = {p.name for p in (output / "_checkpoints").glob("*.json")}
     assert 2 <= len(killed_at) < 6
 
-    assert run_job(tmp_path / "input", output, "--max-new-tokens", "4", "--batch-size", "1") == 0
+    # the dead run's lease expires 3 s after its last heartbeat; the rerun waits for that instead of refusing
+    assert run_job(tmp_path / "input", output, "--max-new-tokens", "4", "--batch-size", "1", "--wait-for-lease", "60") == 0
     summary = json.loads((output / "_summary.json").read_text())
     assert summary["shards_done"] + summary["shards_skipped"] == 6 and summary["shards_skipped"] >= len(killed_at)
     outputs = read_outputs(fsspec.filesystem("file"), str(output))
@@ -66,20 +68,36 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head():
-    """`ray start --head` with the dashboard on 127.0.0.1 and token authentication (Ray's default) kept on."""
+    """`ray start --head` with the dashboard on 127.0.0.1 and token authentication (Ray's default) kept on.
+
+    It runs with --block in a process group of its own, so the teardown stops this cluster only (`ray stop`
+    would stop every Ray on the machine, the test session's own included).
+    """
     dashboard = free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # as in an activated venv: `python` is ours
     env.pop("RAY_ADDRESS", None)
-    start = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+    start = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-             "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", temp_dir]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+             "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", temp_dir,
+             # its own agent ports: the test session's Ray already holds the fixed defaults
+             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+    head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}", env
+        # ready when the node's job agent takes a job (the dashboard answers before the agent is up)
+        probe = [RAY, "job", "submit", "--address", address, "--", "true"]
+        wait_for(lambda: subprocess.run(probe, env=env, capture_output=True).returncode == 0, 180, "the job agent")
+        yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
