@@ -10,24 +10,27 @@ The hot path, in the spirit of gpt-fast:
 * rows stop on a stop id or their own ``max_new_tokens``; every few steps the live rows are compacted
   into a smaller batch bucket, so short captions do not keep paying for the longest one.
 
-Batch sizes and sequence lengths are rounded up to a few buckets and each (batch, length) shape gets
-its own cache arena, allocated once and reused, so a long run compiles a bounded number of graphs.
-The KV cache is plugged into FMS's attention through its attention-op registry.
+Compiled, the vision tower and the prefill are one graph each with dynamic shapes (tile counts and
+prompt lengths vary from batch to batch); the decode step has static shapes for CUDA graphs: batch
+sizes and cache lengths are rounded up to a few buckets, each (batch, length) shape with its own cache
+arena, allocated once and reused, so a long run compiles a bounded number of graphs. The KV cache is
+plugged into FMS's attention through its attention-op registry.
 """
 
-import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from fms.modules.attention import _sdpa_compute_op, register_attention_op
+import torch.nn.functional as F
+from fms.modules.attention import register_attention_op
 
 from fms_smolvlm.smolvlm import SmolVLM, attention_mask_3d
 
 ATTN_NAME = "smolvlm_static_cache"
-# powers of two with a 1.5x step in between: at most a third of a bucket is padding
+# cache lengths: powers of two with a 1.5x step in between, so at most a third of a cache is unused
 LENGTH_BUCKETS = tuple(sorted({b for k in range(5, 16) for b in (2**k, 3 * 2 ** (k - 1))}))
+PROMPT_ALIGN = 8  # prompts are left-padded to a multiple of this; the prefill compiles with a dynamic length
 SYNC_EVERY = 4  # decode steps between host checks for finished rows
 
 
@@ -58,7 +61,20 @@ def _static_cache_store(keys, values, key_cache, value_cache, **attn_kwargs):
     return key_cache, value_cache, key_cache, value_cache
 
 
-register_attention_op(ATTN_NAME, _static_cache_store, functools.partial(_sdpa_compute_op, is_causal_mask=False))
+def _grouped_attention(query, keys, values, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
+    """SDPA with the boolean ``mask`` (batch, q_len, kv_len); grouped-query heads share K/V without copying them."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),
+        keys,
+        values,
+        attn_mask=attn_kwargs["mask"][:, None],
+        scale=scale_factor,
+        enable_gqa=nheads != kvheads,
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+register_attention_op(ATTN_NAME, _static_cache_store, _grouped_attention)
 
 
 class CacheArena:
@@ -233,9 +249,9 @@ class GenerationEngine:
         # every bucketed shape is its own graph: allow all of them rather than silently falling back to eager
         limit = len(self.batch_buckets) * len(LENGTH_BUCKETS)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        # the tile count varies from batch to batch: one vision graph with a dynamic tile dimension
+        # tile counts and prompt lengths vary from batch to batch: one graph each, with dynamic shapes
         self._vision = torch.compile(self.model.image_features, dynamic=True)
-        self._prefill = torch.compile(prefill, dynamic=False)
+        self._prefill = torch.compile(prefill, dynamic=True)
         decode_mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
         self._decode = torch.compile(decode_one_token, dynamic=False, fullgraph=True, mode=decode_mode)
 
@@ -278,7 +294,7 @@ class GenerationEngine:
         n = len(requests)
         batch = round_up(n, self.batch_buckets)
         lengths = [len(r.input_ids) for r in requests]
-        prompt_len = round_up(max(lengths), LENGTH_BUCKETS)
+        prompt_len = -(-max(lengths) // PROMPT_ALIGN) * PROMPT_ALIGN
         cache_len = round_up(prompt_len + max_new, LENGTH_BUCKETS)
 
         ids = np.full((batch, prompt_len), self.pad_id, dtype=np.int64)
@@ -316,7 +332,7 @@ class GenerationEngine:
         state.key_valid[:, write] = True
         logits = self._decode(
             self.model,
-            state.generated[:, step : step + 1],
+            state.generated[:, step : step + 1].contiguous(),  # same strides for every batch: no recompiles
             state.positions,
             state.key_valid[:, None, :],
             torch.tensor([write], device=self.device),

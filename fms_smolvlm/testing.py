@@ -121,7 +121,8 @@ def write_random_checkpoint(
         **DEFAULT_TEXT,
         **(text_config or {}),
         "model_type": "llama",
-        "vocab_size": len(tokenizer),
+        # at least the tokenizer; the published shapes (benchmarks) pad it to their real vocabulary
+        "vocab_size": max(len(tokenizer), (text_config or {}).get("vocab_size", 0)),
         "pad_token_id": ids["<|im_end|>"],
         "bos_token_id": ids["<|im_start|>"],
         "eos_token_id": ids["<end_of_utterance>"],
