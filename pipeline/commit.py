@@ -9,7 +9,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import fsspec
 import pyarrow as pa
@@ -71,6 +71,7 @@ class CommitStats:
     rows: int = 0
     error_rows: int = 0
     generated_tokens: int = 0
+    first_commit_at: Optional[float] = None  # time.time() of the first commit: the end of the start-up
 
 
 class ShardCommitter:
@@ -116,6 +117,8 @@ class ShardCommitter:
             },
         )
         self.stats.committed.append(shard_id)
+        if self.stats.first_commit_at is None:
+            self.stats.first_commit_at = time.time()
         self.stats.rows += len(rows)
         self.stats.error_rows += errors
         self.stats.generated_tokens += tokens

@@ -241,6 +241,8 @@ def build_dataset(args, pending: list[Shard], resources: Resources):
             "max_image_pixels": args.max_image_pixels,
         },
     )
+    # CPU replicas share the node's cores (preprocessing tasks run beside them); GPU replicas need few threads
+    cpu_threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // resources.replicas)
     return dataset.map_batches(
         CaptionActor,
         batch_format="pyarrow",
@@ -257,6 +259,7 @@ def build_dataset(args, pending: list[Shard], resources: Resources):
             "compile": resources.compile,
             "image_longest_edge": args.image_longest_edge,
             "image_splitting": args.image_splitting,
+            "cpu_threads": cpu_threads if resources.device == "cpu" else None,
             "fail_after_batches": int(fail_after) if fail_after else None,
         },
     )
@@ -280,6 +283,8 @@ def _summary(committer: ShardCommitter, pending, done, started: float, failure: 
         "error_rows": stats.error_rows,
         "generated_tokens": stats.generated_tokens,
         "wall_seconds": round(wall, 2),
+        # start-up (Ray, replicas loading and compiling, the first shard) until the first commit
+        "seconds_to_first_commit": None if stats.first_commit_at is None else round(stats.first_commit_at - started, 2),
         "images_per_second": round(stats.rows / wall, 3),
         "generated_tokens_per_second": round(stats.generated_tokens / wall, 2),
         "failure": failure,

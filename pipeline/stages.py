@@ -104,10 +104,15 @@ class CaptionActor:
         compile: bool,
         image_longest_edge: Optional[int],
         image_splitting: Optional[bool],
+        cpu_threads: Optional[int] = None,
         fail_after_batches: Optional[int] = None,
     ):
+        import torch
+
         from fms_smolvlm import Captioner
 
+        if cpu_threads:  # Ray limits a 1-CPU worker to one thread; a CPU replica should use its share of the node
+            torch.set_num_threads(cpu_threads)
         started = time.perf_counter()
         self.captioner = Captioner.from_pretrained(
             model,

@@ -1,0 +1,98 @@
+"""Pipeline overhead: the whole job (read, preprocess, caption, commit on local Ray) vs Captioner.generate alone,
+on the same images, checkpoint, batch size and number of replicas (one here).
+
+    python benchmarks/pipeline.py                          # 96 images in 12 WebDataset shards, CPU
+    python benchmarks/pipeline.py --images 192 --shards 24 --new-tokens 32
+
+Both sides include preprocessing (Captioner.generate decodes and tiles too); neither includes loading the model
+for the bare engine. The job's number is reported twice: end to end (its replica starts, loads and warms up
+inside the timing) and in steady state (after its first committed shard).
+"""
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fms_smolvlm import Captioner  # noqa: E402
+from fms_smolvlm.testing import write_random_checkpoint  # noqa: E402
+from generate import CONFIGS  # noqa: E402
+from pipeline.testing import write_sample_shards  # noqa: E402
+
+PROMPT = "Describe this image in one sentence."  # the job's default
+
+
+def shard_images(directory: Path) -> list[bytes]:
+    images = []
+    for shard in sorted(directory.glob("*.tar")):
+        with tarfile.open(shard) as archive:
+            images += [archive.extractfile(m).read() for m in archive.getmembers() if not m.name.endswith(".json")]
+    return images
+
+
+def load_job_cli():
+    spec = importlib.util.spec_from_file_location("caption_dataset", REPO / "jobs" / "caption_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--shards", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-mid")
+    args = parser.parse_args()
+
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        config = dict(CONFIGS[args.config])
+        model = write_random_checkpoint(tmp / "model", longest_edge=config.pop("longest_edge", None), **config)
+        write_sample_shards(tmp / "shards", shards=args.shards, images_per_shard=args.images // args.shards)
+        images = shard_images(tmp / "shards")
+
+        captioner = Captioner.from_pretrained(model, max_batch_size=args.batch_size)
+        captioner.generate(images[: args.batch_size], PROMPT, max_new_tokens=args.new_tokens)  # warm-up
+        started = time.perf_counter()
+        captioner.generate(images, PROMPT, max_new_tokens=args.new_tokens)
+        bare = len(images) / (time.perf_counter() - started)
+        del captioner
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        status = load_job_cli().main(["--input", str(tmp / "shards"), "--output", str(tmp / "out"), "--model", str(model),
+                           "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.new_tokens),
+                           "--replicas", "1", "--device", "cpu"])
+        summary = json.loads((tmp / "out" / "_summary.json").read_text())
+        ray.shutdown()
+    assert status == 0, "the job failed"
+
+    end_to_end = summary["images_per_second"]
+    per_shard = len(images) / args.shards
+    steady = (summary["images"] - per_shard) / (summary["wall_seconds"] - summary["seconds_to_first_commit"])
+    print(f"\n{len(images)} images in {args.shards} WebDataset shards, {args.config} config, batch {args.batch_size}, "
+          f"{args.new_tokens} new tokens, 1 replica, CPU ({os.cpu_count()} cores)")
+    print(f"{'':42s}{'images/s':>10s}{'vs bare':>9s}")
+    print(f"{'Captioner.generate alone':42s}{bare:10.2f}{1:9.2f}")
+    print(f"{'job, end to end (replica start-up included)':42s}{end_to_end:10.2f}{end_to_end / bare:9.2f}")
+    print(f"{'job, steady state (after the first commit)':42s}{steady:10.2f}{steady / bare:9.2f}")
+    print(f"job start-up until its first commit: {summary['seconds_to_first_commit']:.1f} s "
+          f"of {summary['wall_seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
