@@ -261,9 +261,8 @@ def contains(tokens: list[str], part: list[str]) -> bool:
     return any(tokens[i : i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
 
 
-@pytest.mark.skipif(readme_section("Run on Kubernetes") is None, reason="README.md has no '## Run on Kubernetes' yet")
 def test_the_readme_documents_the_manifests_command_line():
-    deploy = readme_section("Run on Kubernetes") + (readme_section("Schedule it") or "")
+    deploy = (readme_section("Run on Kubernetes") or "") + (readme_section("Schedule it") or "")
     documented = commands(deploy)
     entrypoint = shlex.split(render.load_values([])["entrypoint"])
     assert any(contains(tokens, entrypoint) for tokens in documented), "README shows a different job command line"
