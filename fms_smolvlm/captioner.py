@@ -1,7 +1,7 @@
 """The one-call API: load a SmolVLM checkpoint through FMS and caption batches of images."""
 
 import json
-import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -13,8 +13,6 @@ from fms_smolvlm.generation import GenerationEngine, Request, SamplingParams
 from fms_smolvlm.hf_config import HF_ARCHITECTURES
 from fms_smolvlm.processing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ProcessedSample, SmolVLMPreprocessor
 from fms_smolvlm.smolvlm import SmolVLM
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Describe this image."
 _CONFIG_FILES = ["*.json", "*.jinja", "tokenizer*"]
@@ -46,8 +44,8 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def resolve_checkpoint(model_dir_or_id, weights: bool = True) -> Path:
-    """A local checkpoint directory, or a hub model id fetched into (or found in) the HF cache
+def resolve_checkpoint(model_dir_or_id, weights: bool = True, revision: Optional[str] = None) -> Path:
+    """A local checkpoint directory, or a hub model id (at ``revision``) fetched into (or found in) the HF cache
     (``weights=False``: only its config, processor and tokenizer files)."""
     path = Path(model_dir_or_id).expanduser()
     if path.is_dir():
@@ -58,7 +56,7 @@ def resolve_checkpoint(model_dir_or_id, weights: bool = True) -> Path:
 
     try:
         patterns = _CONFIG_FILES + (["*.safetensors"] if weights else [])
-        return Path(snapshot_download(str(model_dir_or_id), allow_patterns=patterns))
+        return Path(snapshot_download(str(model_dir_or_id), revision=revision, allow_patterns=patterns))
     except Exception as error:  # offline, unknown id, no access: one line naming the model
         raise FileNotFoundError(f"{model_dir_or_id}: cannot fetch from the Hugging Face hub ({error})") from None
 
@@ -91,14 +89,13 @@ def stop_token_ids(path: Path, tokenizer) -> list[int]:
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype, preprocessor: SmolVLMPreprocessor) -> SmolVLM:
-    image_config = json.loads((path / "preprocessor_config.json").read_text())
     model = fms.models.get_model(
         "hf_pretrained",
         model_path=str(path),
         device_type=device.type,
         data_type=dtype,
-        image_mean=list(image_config.get("image_mean", [0.5] * 3)),
-        image_std=list(image_config.get("image_std", [0.5] * 3)),
+        image_mean=list(preprocessor.settings.image_mean),
+        image_std=list(preprocessor.settings.image_std),
     )
     if model.config.image_seq_len != preprocessor.image_seq_len:
         raise ValueError(
@@ -129,10 +126,12 @@ class Captioner:
         max_batch_size: int = 32,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         warmup: bool = False,
+        revision: Optional[str] = None,
     ) -> "Captioner":
         """``image_longest_edge`` / ``image_splitting``: None keeps the checkpoint's processor config.
-        ``warmup`` runs (and with ``compile``, compiles) one batch now, so the first real batch is not the compile."""
-        path = resolve_checkpoint(model_dir_or_id)
+        ``warmup`` runs (and with ``compile``, compiles) one batch now, so the first real batch is not the compile.
+        ``revision``: a hub model's commit, branch or tag (default: the latest)."""
+        path = resolve_checkpoint(model_dir_or_id, revision=revision)
         check_checkpoint_dir(path)
         torch_device = resolve_device(device)
         preprocessor = SmolVLMPreprocessor.from_pretrained(
@@ -175,9 +174,11 @@ class Captioner:
         seed: Optional[int] = None,
     ) -> list[CaptionResult]:
         """One result per image, in order. ``images``: PIL images or encoded bytes (None: text-only prompt).
-        With ``seed``, image ``i`` samples with seed ``seed + i``: reproducible whatever the batching."""
+        Sampling: image ``i`` draws with seed ``seed + i`` (a fresh random ``seed`` when None), reproducible
+        whatever the batching."""
         samples = self.preprocess(images, prompt)
-        seeds = [(seed or 0) + i for i in range(len(samples))]
+        base = secrets.randbits(62) if seed is None else seed
+        seeds = [base + i for i in range(len(samples))]
         return self.generate_processed(samples, seeds, max_new_tokens, do_sample, temperature, top_p, top_k)
 
     def generate_processed(

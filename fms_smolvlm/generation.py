@@ -17,7 +17,9 @@ arena, allocated once and reused, so a long run compiles a bounded number of gra
 plugged into FMS's attention through its attention-op registry.
 """
 
-from dataclasses import dataclass, field
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -32,6 +34,12 @@ ATTN_NAME = "smolvlm_static_cache"
 LENGTH_BUCKETS = tuple(sorted({b for k in range(5, 16) for b in (2**k, 3 * 2 ** (k - 1))}))
 PROMPT_ALIGN = 8  # prompts are left-padded to a multiple of this; the prefill compiles with a dynamic length
 SYNC_EVERY = 4  # decode steps between host checks for finished rows
+
+
+def default_cache_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(0.4 * torch.cuda.get_device_properties(device).total_memory)
+    return 4 * 2**30
 
 
 def round_up(n: int, buckets: Sequence[int]) -> int:
@@ -81,16 +89,23 @@ class CacheArena:
     """Per-layer K/V tensors for one ``(batch, length)`` shape, allocated once and reused by every batch of that shape."""
 
     def __init__(self, model: SmolVLM, batch: int, length: int):
-        text = model.config.text_config
-        head_dim = text.emb_dim // text.nheads
         weight = model.language_model.base_model.embedding.weight
-        shape = (batch, text.kvheads or text.nheads, length, head_dim)
-        self.layers = [
-            (weight.new_zeros(shape), weight.new_zeros(shape)) for _ in range(text.nlayers)
-        ]
+        shape = self.layer_shape(model, batch, length)
+        self.layers = [(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in range(model.config.text_config.nlayers)]
         for key, value in self.layers:
             torch._dynamo.mark_static_address(key)  # lets CUDA graphs use the cache in place
             torch._dynamo.mark_static_address(value)
+        self.nbytes = self.bytes_for(model, batch, length)
+
+    @staticmethod
+    def layer_shape(model: SmolVLM, batch: int, length: int) -> tuple[int, int, int, int]:
+        text = model.config.text_config
+        return (batch, text.kvheads or text.nheads, length, text.emb_dim // text.nheads)
+
+    @classmethod
+    def bytes_for(cls, model: SmolVLM, batch: int, length: int) -> int:
+        itemsize = model.language_model.base_model.embedding.weight.element_size()
+        return 2 * model.config.text_config.nlayers * math.prod(cls.layer_shape(model, batch, length)) * itemsize
 
     def gather_rows_from(self, other: "CacheArena", rows: torch.Tensor) -> None:
         for (k, v), (other_k, other_v) in zip(self.layers, other.layers):
@@ -218,6 +233,7 @@ class _Batch:
     seeds: torch.Tensor  # (batch,) int64
     limits: torch.Tensor  # (batch,) per-row max_new_tokens
     generated: torch.Tensor  # (batch, max_new) int64
+    slots: torch.Tensor  # arange(cache_len) on the device
 
 
 class GenerationEngine:
@@ -228,13 +244,17 @@ class GenerationEngine:
         pad_id: int,
         max_batch_size: int = 32,
         compile: bool = False,
+        cache_budget_bytes: Optional[int] = None,
     ):
+        """``cache_budget_bytes``: KV cache arenas kept for reuse (least recently used ones are freed beyond it);
+        default: 40% of the GPU's memory, or 4 GiB on the CPU."""
         self.model = model.eval()
         self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.int64, device=self.device)
         self.pad_id = pad_id
         self.max_batch_size = max_batch_size
         self.batch_buckets = batch_buckets(max_batch_size)
-        self._arenas: dict[tuple[int, int], CacheArena] = {}
+        self._arenas: OrderedDict[tuple[int, int], CacheArena] = OrderedDict()
+        self.cache_budget_bytes = cache_budget_bytes or default_cache_budget(self.device)
         self._vision = model.image_features
         self._prefill = prefill
         self._decode = decode_one_token
@@ -255,14 +275,36 @@ class GenerationEngine:
         decode_mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
         self._decode = torch.compile(decode_one_token, dynamic=False, fullgraph=True, mode=decode_mode)
 
-    def arena(self, batch: int, length: int) -> CacheArena:
-        if (batch, length) not in self._arenas:
-            self._arenas[batch, length] = CacheArena(self.model, batch, length)
-        return self._arenas[batch, length]
+    def arena(self, batch: int, length: int, in_use: Optional[CacheArena] = None) -> CacheArena:
+        """The cache arena of this shape, reused when it exists; least recently used others are freed to keep
+        the budget (a freed shape's decode graph stays compiled, a new arena just takes its place)."""
+        key = (batch, length)
+        if key not in self._arenas:
+            needed = CacheArena.bytes_for(self.model, batch, length)
+            for old in [k for k, a in self._arenas.items() if a is not in_use]:
+                if sum(a.nbytes for a in self._arenas.values()) + needed <= self.cache_budget_bytes:
+                    break
+                del self._arenas[old]
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            self._arenas[key] = CacheArena(self.model, batch, length)
+        self._arenas.move_to_end(key)
+        return self._arenas[key]
+
+    def check_fits(self, requests: Sequence[Request], params: SamplingParams) -> None:
+        positions = self.model.config.text_config.max_expected_seq_len
+        for request in requests:
+            needed = len(request.input_ids) + (request.max_new_tokens or params.max_new_tokens)
+            if needed > min(positions, LENGTH_BUCKETS[-1]):
+                raise ValueError(
+                    f"a prompt of {len(request.input_ids)} tokens plus {needed - len(request.input_ids)} new tokens "
+                    f"exceeds the model's {min(positions, LENGTH_BUCKETS[-1])} positions"
+                )
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
         """One generation per request, in order. Prompts of similar length are batched together."""
+        self.check_fits(requests, params)
         results: list[Optional[Generation]] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].input_ids))
         for start in range(0, len(order), self.max_batch_size):
@@ -324,6 +366,7 @@ class GenerationEngine:
             seeds=torch.tensor([r.seed for r in requests] + [0] * (batch - n), dtype=torch.int64, device=device),
             limits=torch.tensor(limits + [1] * (batch - n), device=device),
             generated=torch.full((batch, max_new), self.pad_id, dtype=torch.int64, device=device),
+            slots=slots,
         )
         return state, logits
 
@@ -335,7 +378,7 @@ class GenerationEngine:
             state.generated[:, step : step + 1].contiguous(),  # same strides for every batch: no recompiles
             state.positions,
             state.key_valid[:, None, :],
-            torch.tensor([write], device=self.device),
+            state.slots[write : write + 1],  # a view on the device: no host-to-device copy (and sync) per step
             state.arena.layers,
         )
         state.positions = state.positions + 1
@@ -359,7 +402,7 @@ class GenerationEngine:
         if batch == len(state.rows):
             return state
         keep = torch.tensor(live + [live[0]] * (batch - len(live)), device=self.device)
-        arena = self.arena(batch, state.key_valid.shape[1])
+        arena = self.arena(batch, state.key_valid.shape[1], in_use=state.arena)
         arena.gather_rows_from(state.arena, keep)
         return _Batch(
             rows=[state.rows[i] for i in live] + [None] * (batch - len(live)),
@@ -370,6 +413,7 @@ class GenerationEngine:
             seeds=state.seeds[keep],
             limits=state.limits[keep],
             generated=state.generated[keep],
+            slots=state.slots,
         )
 
     def _collect(self, state: _Batch, row_indices, steps: int, done: dict) -> None:

@@ -57,6 +57,9 @@ class ImageSettings:
     splitting: bool
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     resample: int = Image.Resampling.LANCZOS
+    # the normalisation the model applies on its device to these uint8 tiles
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
 
 
 @dataclass
@@ -269,6 +272,8 @@ class SmolVLMPreprocessor:
             splitting=image_config.get("do_image_splitting", True) if image_splitting is None else image_splitting,
             max_pixels=max_image_pixels,
             resample=image_config.get("resample", Image.Resampling.LANCZOS),
+            image_mean=tuple(image_config.get("image_mean", (0.5,) * 3)),
+            image_std=tuple(image_config.get("image_std", (0.5,) * 3)),
         )
         if settings.longest_edge < 1:
             raise ValueError(f"image_longest_edge must be positive, got {settings.longest_edge}")
@@ -324,6 +329,8 @@ class SmolVLMPreprocessor:
             processed = self.process_image(image)
         except ImageError as error:
             return ProcessedSample(None, None, error=str(error))
+        except Exception as error:  # PIL has more failure modes than it documents: still this image's problem only
+            return ProcessedSample(None, None, error=f"cannot process image: {_one_line(error)}")
         ids = self.prompt_ids(prompt, processed.rows, processed.cols)
         return ProcessedSample(ids, processed.tiles, processed.width, processed.height)
 

@@ -25,6 +25,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
 def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -59,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-options", type=json_object, default={}, help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     parser.add_argument("--overwrite", action="store_true", help="start over even if the output holds another job's checkpoints")
     parser.add_argument("--dry-run", action="store_true", help="list pending and done shards, run nothing")
-    parser.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS", help="if another run holds the output, wait up to this long instead of refusing")
-    parser.add_argument("--lease-ttl", type=float, default=180.0, metavar="SECONDS", help="a crashed run's hold on the output expires this long after its last heartbeat (default: %(default)s)")
+    parser.add_argument("--wait-for-lease", type=non_negative_float, default=0.0, metavar="SECONDS", help="if another run holds the output, wait up to this long instead of refusing")
+    parser.add_argument("--lease-ttl", type=positive_float, default=180.0, metavar="SECONDS", help="a crashed run's hold on the output expires this long after its last heartbeat (default: %(default)s)")
     return parser
 
 

@@ -81,6 +81,7 @@ class ShardCommitter:
         self.root = root
         self.before_commit = before_commit
         self.open: dict[str, _OpenShard] = {}
+        self.committed: set[str] = set()
         self.stats = CommitStats()
 
     def add(self, batch: pa.Table) -> None:
@@ -89,6 +90,8 @@ class ShardCommitter:
             if row["shard_size"] < 0:
                 self.stats.failed[shard_id] = row["error"]
                 logger.error("shard %s failed: %s", shard_id, row["error"])
+                continue
+            if shard_id in self.committed:  # a retried task's late duplicate: the shard is already on disk
                 continue
             shard = self.open.setdefault(shard_id, _OpenShard(row["shard_size"], time.time()))
             if row["key"] is not None:
@@ -116,6 +119,7 @@ class ShardCommitter:
                 "replicas": sorted(shard.replicas),
             },
         )
+        self.committed.add(shard_id)
         self.stats.committed.append(shard_id)
         if self.stats.first_commit_at is None:
             self.stats.first_commit_at = time.time()

@@ -49,6 +49,19 @@ def run_job(args) -> int:
     except JobError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (OSError, ValueError, KeyError) as error:  # before any work: an unwritable output, a broken config file
+        print(f"error: cannot start: {one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def one_line(error: BaseException) -> str:
+    """An error on one line. A replica's failure reaches the driver as Ray's traceback text with the original
+    exception first and Ray's wrappers after it: keep the original's last line."""
+    text = str(error).split("The above exception was the direct cause of the following exception")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if '  File "' in text:  # a traceback: its last line is "SomeError: message"
+        return lines[-1][:500]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 def _run(args) -> int:
@@ -57,8 +70,9 @@ def _run(args) -> int:
         args.model = str(Path(args.model).resolve())
     in_fs, in_path = _resolve_storage(args.input, args.storage_options, "input")
     out_fs, root = _resolve_storage(args.output, args.storage_options, "output")
-    shards = _discover(in_fs, in_path, args.input)
-    model_dir = _model_files(args.model)
+    # a rerun must not read the output's own Parquet files as shards when --output lies inside --input
+    shards = _discover(in_fs, in_path, args.input, exclude=root if in_fs.protocol == out_fs.protocol else None)
+    model_dir = _model_files(args.model, args.max_new_tokens)
     preprocessor = SmolVLMPreprocessor.from_pretrained(
         model_dir, args.image_longest_edge, args.image_splitting, args.max_image_pixels
     )
@@ -69,6 +83,7 @@ def _run(args) -> int:
         ray.init(logging_level=logging.WARNING)
     resources = _resources(args, ray.cluster_resources())
     fingerprint = job_fingerprint(args, model_dir, preprocessor, resources.dtype)
+    revision = hub_revision(model_dir)
     if args.dry_run:
         done = _check_output(out_fs, root, args.output, fingerprint, args.overwrite, dry_run=True)
         _print_plan(shards, done, _pending(shards, done, args.limit_shards), _lease(out_fs, root, args).holder())
@@ -79,10 +94,10 @@ def _run(args) -> int:
     except LeaseHeldError as error:
         raise JobError(f"--output {error}") from None
     with lease:
-        return _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, lease, started)
+        return _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, revision, lease, started)
 
 
-def _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, lease, started) -> int:
+def _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, revision, lease, started) -> int:
     done = _check_output(out_fs, root, args.output, fingerprint, args.overwrite, dry_run=False)
     pending = _pending(shards, done, args.limit_shards)
     write_json(out_fs, join(root, JOB_FILE), fingerprint)
@@ -91,12 +106,12 @@ def _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, lease
     if pending:
         logger.info("%d shards pending, %d already done; %s", len(pending), len(done), resources)
         try:
-            dataset = build_dataset(args, pending, resources)
+            dataset = build_dataset(args, pending, resources, revision)
             # no prefetch: a shard's last rows reach the commit as soon as they exist, also when the run then fails
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                 committer.add(batch)
         except Exception as error:  # a replica died, the lease was lost: committed shards stay committed
-            failure = " ".join(str(error).split())[:500]
+            failure = one_line(error)
     else:
         logger.info("nothing to do: all %d shards are committed", len(shards))
 
@@ -127,9 +142,9 @@ def _resolve_storage(url: str, storage_options: dict, what: str):
         raise JobError(f"--{what} {url}: {' '.join(str(error).split())}") from None
 
 
-def _discover(fs, path: str, url: str) -> list[Shard]:
+def _discover(fs, path: str, url: str, exclude: Optional[str]) -> list[Shard]:
     try:
-        shards = discover_shards(fs, path)
+        shards = discover_shards(fs, path, exclude)
     except Exception as error:  # unreachable endpoint, no credentials, no such bucket
         raise JobError(f"cannot list --input {url}: {' '.join(str(error).split()) or type(error).__name__}") from None
     if not shards:
@@ -137,13 +152,16 @@ def _discover(fs, path: str, url: str) -> list[Shard]:
     return shards
 
 
-def _model_files(model: str) -> Path:
+def _model_files(model: str, max_new_tokens: int) -> Path:
     """The checkpoint's config and tokenizer files on the driver (weights are loaded by the replicas)."""
     try:
         path = resolve_checkpoint(model, weights=False)
-        check_checkpoint_dir(path, weights=False)
+        config = check_checkpoint_dir(path, weights=False)
     except (FileNotFoundError, ValueError) as error:
         raise JobError(f"--model {error}") from None
+    positions = config.get("text_config", {}).get("max_position_embeddings")
+    if positions is not None and max_new_tokens >= positions:
+        raise JobError(f"--max-new-tokens {max_new_tokens} does not fit the model's {positions} positions")
     return path
 
 
@@ -151,16 +169,22 @@ def _resources(args, cluster: dict) -> Resources:
     gpus = int(cluster.get("GPU", 0))
     device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
     if device == "cuda" and not gpus:
-        raise JobError("--device cuda, but the Ray cluster has no GPUs")
+        raise JobError("--device cuda, but the Ray cluster has no GPUs (yet: are its GPU workers up?)")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     replicas = args.replicas or (gpus if device == "cuda" else 1)
+    if device == "cuda" and replicas > gpus:
+        raise JobError(f"--replicas {replicas} needs {replicas} GPUs, the Ray cluster has {gpus}")
     batch_size = args.batch_size or (32 if device == "cuda" else 8)
     compile_ = args.compile if args.compile is not None else device == "cuda"
     return Resources(device, dtype, replicas, batch_size, compile_)
 
 
+# recorded in _job.json but not compared: an upgrade, or --dtype auto meeting another cluster, continues a job
+INFORMATIONAL_KEYS = ("package_version", "dtype")
+
+
 def job_fingerprint(args, model_dir: Path, preprocessor: SmolVLMPreprocessor, dtype: str) -> dict:
-    """Everything that decides what the captions are. A rerun into the same output must match it."""
+    """What decides the captions (a rerun into the same output must match it), and what produced them."""
     return {
         "model": args.model,
         "model_revision": model_revision(model_dir),
@@ -175,10 +199,15 @@ def job_fingerprint(args, model_dir: Path, preprocessor: SmolVLMPreprocessor, dt
     }
 
 
+def hub_revision(model_dir: Path) -> Optional[str]:
+    """The commit of a hub snapshot, so every worker loads the files the driver saw; None for a local checkpoint."""
+    return model_dir.name if model_dir.parent.name == "snapshots" else None
+
+
 def model_revision(model_dir: Path) -> str:
     """A hub snapshot is named by its commit; a local checkpoint by a hash of its config and weights."""
-    if model_dir.parent.name == "snapshots":
-        return f"hub:{model_dir.name}"
+    if hub_revision(model_dir):
+        return f"hub:{hub_revision(model_dir)}"
     digest = hashlib.sha256()
     for file in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
         with open(file, "rb") as handle:
@@ -191,19 +220,17 @@ def _check_output(fs, root: str, url: str, fingerprint: dict, overwrite: bool, d
     """The committed shards this run may skip; refuses an output that holds another job's results."""
     job_file = join(root, JOB_FILE)
     existing = read_json(fs, job_file) if fs.exists(job_file) else None
-    if existing is not None and existing != fingerprint:
-        changed = sorted(k for k in set(existing) | set(fingerprint) if existing.get(k) != fingerprint.get(k))
-        if not overwrite:
-            raise JobError(
-                f"--output {url} holds a job with different settings ({', '.join(changed)}); "
-                "use another --output, or --overwrite to start over"
-            )
+    compared = sorted((set(existing or {}) | set(fingerprint)) - set(INFORMATIONAL_KEYS))
+    changed = [k for k in compared if existing is not None and existing.get(k) != fingerprint.get(k)]
+    if changed and not overwrite:
+        raise JobError(
+            f"--output {url} holds a job with different settings ({', '.join(changed)}); "
+            "use another --output, or --overwrite to start over"
+        )
+    if overwrite:
         if not dry_run:
-            logger.warning("--overwrite: removing the results of the previous job (%s differ)", ", ".join(changed))
+            logger.warning("--overwrite: removing the previous results%s", f" ({', '.join(changed)} differ)" * bool(changed))
             _remove_results(fs, root)
-        return set()
-    if overwrite and not dry_run:
-        _remove_results(fs, root)
         return set()
     return committed_shards(fs, root)
 
@@ -217,13 +244,15 @@ def _remove_results(fs, root: str) -> None:
             fs.rm(join(root, name))
 
 
-def build_dataset(args, pending: list[Shard], resources: Resources):
+def build_dataset(args, pending: list[Shard], resources: Resources, revision: Optional[str]):
     import ray
 
     fail_after = os.environ.get(FAULT_ENV)
     dataset = ray.data.from_items(shard_items(pending), override_num_blocks=len(pending))
     dataset = dataset.flat_map(
         read_shard_rows,
+        # a few shards read at a time: they complete (and commit) in order instead of all at the end
+        compute=ray.data.TaskPoolStrategy(size=2 * resources.replicas),
         fn_kwargs={"storage_options": args.storage_options, "image_column": args.image_column, "key_column": args.key_column},
     )
     dataset = dataset.map_batches(
@@ -235,14 +264,16 @@ def build_dataset(args, pending: list[Shard], resources: Resources):
         compute=ray.data.TaskPoolStrategy(size=preprocess_concurrency()),
         fn_kwargs={
             "model": args.model,
+            "revision": revision,
             "prompt": args.prompt,
             "image_longest_edge": args.image_longest_edge,
             "image_splitting": args.image_splitting,
             "max_image_pixels": args.max_image_pixels,
         },
     )
-    # CPU replicas share the node's cores (preprocessing tasks run beside them); GPU replicas need few threads
-    cpu_threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // resources.replicas)
+    # CPU replicas share a node's cores (preprocessing tasks run beside them); GPU replicas need few threads
+    node_cpus = max((int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]), default=1)
+    cpu_threads = max(1, node_cpus // resources.replicas)
     return dataset.map_batches(
         CaptionActor,
         batch_format="pyarrow",
@@ -251,14 +282,12 @@ def build_dataset(args, pending: list[Shard], resources: Resources):
         num_gpus=1 if resources.device == "cuda" else 0,
         fn_constructor_kwargs={
             "model": args.model,
-            "prompt": args.prompt,
+            "revision": revision,
             "max_new_tokens": args.max_new_tokens,
             "batch_size": resources.batch_size,
             "device": resources.device,
             "dtype": resources.dtype,
             "compile": resources.compile,
-            "image_longest_edge": args.image_longest_edge,
-            "image_splitting": args.image_splitting,
             "cpu_threads": cpu_threads if resources.device == "cpu" else None,
             "fail_after_batches": int(fail_after) if fail_after else None,
         },

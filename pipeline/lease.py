@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.storage import join, list_names, write_atomic
+from pipeline.storage import join, list_names, write_atomic, write_temporary_beside
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,7 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
     their own ``mode="create"``, which fsspec's generic fallback implements as check-then-write (not atomic).
     """
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        temporary = write_temporary_beside(path, data)
         try:
             os.link(temporary, path)
         finally:

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
 KEY_COLUMN_CANDIDATES = ("key", "__key__", "id", "image_id", "filename", "file_name", "path", "name")
-ROOT_FOLDER_SHARD_ID = "_root_"
+# images directly in --input: "." quoted by hand (quote() never produces it, so no real folder collides)
+ROOT_FOLDER_SHARD_ID = "%2E"
 
 
 @dataclass(frozen=True)
@@ -50,25 +51,33 @@ def _extension(name: str) -> str:
 
 
 def _hidden(relative_path: str) -> bool:
-    # skip our own outputs (_checkpoints, _job.json) and hidden files if --input overlaps --output
-    return any(part.startswith(("_", ".")) for part in relative_path.split("/"))
+    return any(part.startswith(".") for part in relative_path.split("/"))
 
 
-def discover_shards(fs: fsspec.AbstractFileSystem, path: str) -> list[Shard]:
-    """Every shard under a directory/prefix (recursively), a glob, or a single file; sorted by shard id."""
+def _files_under(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, list[str]]:
+    """``(root, files)``: a glob's matches (folders searched), a single file, or a directory searched recursively."""
     if fsspec.core.has_magic(path):
         root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-        files = sorted(fs.glob(path))
-    elif fs.isfile(path):
-        root, files = posixpath.dirname(path), [path]
-    elif fs.isdir(path):
-        root, files = path, sorted(fs.find(path))
-    else:
-        raise FileNotFoundError(f"input {path} does not exist")
+        matches = sorted(fs.glob(path))
+        return root, [f for match in matches for f in (sorted(fs.find(match)) if fs.isdir(match) else [match])]
+    if fs.isfile(path):
+        return posixpath.dirname(path), [path]
+    if fs.isdir(path):
+        return path, sorted(fs.find(path))
+    raise FileNotFoundError(f"input {path} does not exist")
+
+
+def discover_shards(fs: fsspec.AbstractFileSystem, path: str, exclude: Optional[str] = None) -> list[Shard]:
+    """Every shard under a directory/prefix (recursively), a glob, or a single file; sorted by shard id.
+
+    ``exclude``: a prefix to leave out, the job's output when it lies inside its input (so that a rerun
+    does not read its own Parquet files as shards).
+    """
+    root, files = _files_under(fs, path)
     shards: dict[str, Shard] = {}
     for file in files:
         relative = posixpath.relpath(file, root) if root else file
-        if _hidden(relative):
+        if _hidden(relative) or (exclude and (file + "/").startswith(exclude.rstrip("/") + "/")):
             continue
         extension = _extension(file)
         if extension == "tar":

@@ -6,15 +6,15 @@ empty or unreadable shard) that passes through untouched so the commit stage lea
 
 import os
 import socket
-import time
 from functools import lru_cache
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from fms_smolvlm.captioner import resolve_checkpoint
+from fms_smolvlm.captioner import CaptionResult, resolve_checkpoint
 from fms_smolvlm.processing import ProcessedSample, SmolVLMPreprocessor
+from pipeline.commit import OUTPUT_SCHEMA
 
 PREPROCESSED_SCHEMA = pa.schema(
     [
@@ -31,41 +31,30 @@ PREPROCESSED_SCHEMA = pa.schema(
     ]
 )
 
+# the output columns, plus what the commit stage needs to group rows by shard and to report replicas
 CAPTION_SCHEMA = pa.schema(
-    [
-        ("shard_id", pa.string()),
-        ("shard_size", pa.int64()),
-        ("index", pa.int64()),
-        ("key", pa.string()),
-        ("caption", pa.string()),
-        ("error", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("num_image_tokens", pa.int32()),
-        ("num_generated_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("replica", pa.string()),
-    ]
+    list(OUTPUT_SCHEMA) + [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string())]
 )
 
 
 @lru_cache(maxsize=4)
-def _preprocessor(model: str, image_longest_edge, image_splitting, max_image_pixels) -> SmolVLMPreprocessor:
+def _preprocessor(model: str, revision, image_longest_edge, image_splitting, max_image_pixels) -> SmolVLMPreprocessor:
     # one per worker process: the tokenizer and configs load once, not per batch
-    model_dir = resolve_checkpoint(model, weights=False)
+    model_dir = resolve_checkpoint(model, weights=False, revision=revision)
     return SmolVLMPreprocessor.from_pretrained(model_dir, image_longest_edge, image_splitting, max_image_pixels)
 
 
 def preprocess_batch(
     batch: pa.Table,
     model: str,
+    revision: Optional[str],
     prompt: str,
     image_longest_edge: Optional[int],
     image_splitting: Optional[bool],
     max_image_pixels: int,
 ) -> pa.Table:
     """Decode, orient, tile and tokenize each image; a bad image becomes a row with ``error`` set."""
-    preprocessor = _preprocessor(model, image_longest_edge, image_splitting, max_image_pixels)
+    preprocessor = _preprocessor(model, revision, image_longest_edge, image_splitting, max_image_pixels)
     columns = {name: [] for name in PREPROCESSED_SCHEMA.names}
     for row in batch.to_pylist():
         sample = _preprocess_row(preprocessor, row, prompt)
@@ -83,9 +72,7 @@ def preprocess_batch(
 
 
 def _preprocess_row(preprocessor: SmolVLMPreprocessor, row: dict, prompt: str) -> ProcessedSample:
-    if row["key"] is None:  # shard marker
-        return ProcessedSample(None, None, error=row["error"])
-    if row["error"] is not None:  # the reader already knows this sample has no image
+    if row["key"] is None or row["error"] is not None:  # a shard marker, or a sample the reader found no image in
         return ProcessedSample(None, None, error=row["error"])
     return preprocessor.process(row["image"], prompt)
 
@@ -96,14 +83,12 @@ class CaptionActor:
     def __init__(
         self,
         model: str,
-        prompt: str,
+        revision: Optional[str],
         max_new_tokens: int,
         batch_size: int,
         device: str,
         dtype: str,
         compile: bool,
-        image_longest_edge: Optional[int],
-        image_splitting: Optional[bool],
         cpu_threads: Optional[int] = None,
         fail_after_batches: Optional[int] = None,
     ):
@@ -113,19 +98,10 @@ class CaptionActor:
 
         if cpu_threads:  # Ray limits a 1-CPU worker to one thread; a CPU replica should use its share of the node
             torch.set_num_threads(cpu_threads)
-        started = time.perf_counter()
         self.captioner = Captioner.from_pretrained(
-            model,
-            device=device,
-            dtype=dtype,
-            compile=compile,
-            image_longest_edge=image_longest_edge,
-            image_splitting=image_splitting,
-            max_batch_size=batch_size,
-            warmup=compile,
+            model, device=device, dtype=dtype, compile=compile, max_batch_size=batch_size, warmup=compile,
+            revision=revision,
         )
-        self.load_seconds = time.perf_counter() - started
-        self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.tile_size = self.captioner.preprocessor.settings.tile_size
         # fault injection for the crash-recovery tests: raise after this many batches
@@ -138,10 +114,12 @@ class CaptionActor:
         if self.fail_after_batches is not None and self.batches > self.fail_after_batches:
             raise RuntimeError(f"injected failure after {self.fail_after_batches} batches (pid {os.getpid()})")
         rows = batch.to_pylist()
-        samples = [self._sample(row) for row in rows]
-        results = self.captioner.generate_processed(samples, [0] * len(samples), self.max_new_tokens)
+        samples = [self._sample(row) for row in rows if row["key"] is not None]
+        results = iter(self.captioner.generate_processed(samples, [0] * len(samples), self.max_new_tokens))
         columns = {name: [] for name in CAPTION_SCHEMA.names}
-        for row, result in zip(rows, results):
+        for row in rows:
+            # shard markers pass through: they tell the commit stage about empty or unreadable shards
+            result = CaptionResult(None, [], None, None, None, row["error"]) if row["key"] is None else next(results)
             for name in ("shard_id", "shard_size", "index", "key", "width", "height"):
                 columns[name].append(row[name])
             columns["caption"].append(result.text)
@@ -153,8 +131,6 @@ class CaptionActor:
         return pa.table(columns, schema=CAPTION_SCHEMA)
 
     def _sample(self, row: dict) -> ProcessedSample:
-        if row["key"] is None:  # shard marker: carries the shard's read error, if any
-            return ProcessedSample(None, None, error=row["error"] or "")
         if row["error"] is not None:
             return ProcessedSample(None, None, error=row["error"])
         ids = np.frombuffer(row["input_ids"], dtype=np.int32).astype(np.int64)

@@ -26,15 +26,20 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     a PUT (or a completed multipart upload) publishes the whole object at once.
     """
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        os.replace(write_temporary_beside(path, data), path)
     else:
         fs.pipe_file(path, data)
+
+
+def write_temporary_beside(path: str, data: bytes) -> str:
+    """A complete, synced local file next to ``path`` (same file system, so it can be renamed or linked there)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return temporary
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, value: Any) -> None:

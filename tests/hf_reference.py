@@ -30,3 +30,16 @@ def hf_inputs(processor, prompts, images=None, **kwargs):
 def generate_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """What HF generate uses: positions count real tokens only, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def hf_greedy(path, images, prompts, max_new_tokens: int, stop_ids) -> list[list[int]]:
+    """HF generate's greedy tokens per row, cut at the first stop id (``images`` None: text-only prompts)."""
+    import torch
+
+    inputs = hf_inputs(hf_processor(path), prompts, images)
+    with torch.no_grad():
+        output = hf_model(path).generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    rows = []
+    for row in output[:, inputs["input_ids"].shape[1] :].tolist():
+        rows.append(row[: next((i for i, token in enumerate(row) if token in stop_ids), len(row))])
+    return rows

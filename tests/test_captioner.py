@@ -3,25 +3,12 @@
 import io
 
 import pytest
-import torch
 
 from fms_smolvlm import Captioner
 from tests.conftest import random_image
-from tests.hf_reference import hf_inputs, hf_model, hf_processor
+from tests.hf_reference import hf_greedy
 
 PROMPT = "Describe this image."
-
-
-def hf_greedy(path, images, max_new_tokens, stop_ids):
-    processor = hf_processor(path)
-    inputs = hf_inputs(processor, [PROMPT] * len(images), images)
-    with torch.no_grad():
-        output = hf_model(path).generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    rows = []
-    for row in output[:, inputs["input_ids"].shape[1] :].tolist():
-        cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
-        rows.append(row[:cut])
-    return rows
 
 
 @pytest.mark.parametrize("name", ["gqa-s2-untied", "mha-s3-tied"])
@@ -31,7 +18,7 @@ def test_greedy_tokens_equal_hf_generate(checkpoint_factory, name):
     images = [random_image(w, h, seed=i) for i, (w, h) in enumerate(sizes, start=1)]
     captioner = Captioner.from_pretrained(path, max_batch_size=4)
     results = captioner.generate(images, PROMPT, max_new_tokens=20)
-    expected = hf_greedy(path, images, 20, set(captioner.engine.stop_ids.tolist()))
+    expected = hf_greedy(path, images, [PROMPT] * len(images), 20, set(captioner.engine.stop_ids.tolist()))
     assert [r.token_ids for r in results] == expected
     long_rows = sum(r.num_generated_tokens >= 16 for r in results)
     assert long_rows >= 3, "random weights stopped too early for a meaningful comparison"

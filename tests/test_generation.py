@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 from fms_smolvlm import Captioner
 from fms_smolvlm.generation import Request, SamplingParams, choose_tokens, counter_uniform
 from tests.conftest import random_image
-from tests.hf_reference import hf_inputs, hf_model, hf_processor
+from tests.hf_reference import hf_greedy
 
 PROMPT = "Describe this image."
 # different tile counts: 5 to 17 tiles of 32 px with the test processor (longest edge 128)
@@ -25,25 +25,14 @@ def compiled(checkpoint):
     return Captioner.from_pretrained(checkpoint, max_batch_size=8, compile=True, warmup=True)
 
 
-def hf_greedy_rows(path, images, prompts, max_new_tokens, stop_ids):
-    processor = hf_processor(path)
-    inputs = hf_inputs(processor, prompts, images)
-    with torch.no_grad():
-        output = hf_model(path).generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    rows = []
-    for row in output[:, inputs["input_ids"].shape[1] :].tolist():
-        rows.append(row[: next((i for i, t in enumerate(row) if t in stop_ids), len(row))])
-    return rows
-
-
 @pytest.mark.parametrize("engine", ["eager", "compiled"])
 def test_greedy_equals_hf_for_mixed_images_and_a_text_only_row(checkpoint, compiled, engine):
     captioner = compiled if engine == "compiled" else Captioner.from_pretrained(checkpoint, max_batch_size=8)
     images = mixed_images()
     results = captioner.generate(images + [None], PROMPT, max_new_tokens=16)
     stop_ids = set(captioner.engine.stop_ids.tolist())
-    expected = hf_greedy_rows(checkpoint, images, [PROMPT] * len(images), 16, stop_ids)
-    expected += hf_greedy_rows(checkpoint, None, [PROMPT], 16, stop_ids)
+    expected = hf_greedy(checkpoint, images, [PROMPT] * len(images), 16, stop_ids)
+    expected += hf_greedy(checkpoint, None, [PROMPT], 16, stop_ids)
     assert [r.token_ids for r in results] == expected
     assert len({r.num_image_tokens for r in results}) >= 4 and results[-1].num_image_tokens == 0
 
@@ -74,10 +63,18 @@ def test_rows_stop_at_their_own_limits_and_compaction_keeps_results(checkpoint):
     requests = [Request(s.input_ids, s.tiles, max_new_tokens=limit) for s, limit in zip(samples, limits)]
     together = captioner.engine.generate(requests, SamplingParams(max_new_tokens=20))
     assert [len(g.token_ids) for g in together] == limits and all(g.finish_reason == "length" for g in together)
-    assert (2, 32) in captioner.engine._arenas or any(b < 8 for b, _ in captioner.engine._arenas)  # compacted
+    assert any(batch < 8 for batch, _ in captioner.engine._arenas)  # compacted into a smaller batch bucket
+    captioner.engine.cache_budget_bytes = 1  # every new arena now frees all the others it can
     for request, generation in zip(requests, together):
         alone = captioner.engine.generate([request], SamplingParams(max_new_tokens=20))[0]
         assert alone.token_ids == generation.token_ids
+    assert len(captioner.engine._arenas) == 1
+
+
+def test_too_long_a_request_is_named(checkpoint):
+    captioner = Captioner.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="plus 5000 new tokens exceeds the model's 4096 positions"):
+        captioner.generate([random_image(40, 40)], PROMPT, max_new_tokens=5000)
 
 
 def test_sampling_is_reproducible_and_independent_of_batching(checkpoint):

@@ -23,6 +23,8 @@ from pipeline.storage import join, resolve
 # use SHORT instead.
 LONG = dict(ttl_s=10.0, heartbeat_s=1.0)
 SHORT = dict(ttl_s=1.5, heartbeat_s=0.25)
+# the heartbeat test needs a ttl to outlive, with room for a late heartbeat on a busy machine (8 beats per ttl)
+BEATING = dict(ttl_s=4.0, heartbeat_s=0.5)
 TIMEOUT = 60.0  # bounds every wait, so a hung child fails its test instead of hanging the suite
 
 # Not fork: the pytest process has threads (the S3 server, torch's pools) that a fork would copy mid-state. A fork
@@ -209,8 +211,8 @@ def test_a_waiting_run_gets_the_lease_when_it_is_released(output):
 
 
 def test_the_heartbeat_keeps_a_live_holder_past_its_ttl(output):
-    with lease_for(output, SHORT).acquire() as holder:
+    with lease_for(output, BEATING).acquire() as holder:
         with pytest.raises(LeaseHeldError):
-            lease_for(output, SHORT).acquire(wait_s=1.5 * SHORT["ttl_s"])
+            lease_for(output, BEATING).acquire(wait_s=1.5 * BEATING["ttl_s"])
         holder.check()
         assert holder.holder().generation == 0

@@ -141,14 +141,16 @@ def test_unreadable_shard_fails_alone(run_job, tmp_path, capsys):
     assert summary["shards_failed"] == 1 and "broken.tar" in summary["failed_shards"]
 
 
-def test_resume_after_failure_processes_only_unfinished_shards(run_job, tmp_path, monkeypatch):
+def test_resume_after_failure_processes_only_unfinished_shards(run_job, tmp_path, monkeypatch, capsys):
     written = write_sample_shards(tmp_path / "input", shards=6, images_per_shard=2)
     output = tmp_path / "output"
     monkeypatch.setenv(FAULT_ENV, "6")  # the replica dies after 6 of 12 one-image batches
     assert run_job(tmp_path / "input", output, "--batch-size", "1") == 1
+    assert "RuntimeError: injected failure after 6 batches" in capsys.readouterr().err  # the cause, not Ray's wrapper
     committed = sorted(p.name for p in (output / "_checkpoints").glob("*.json"))
-    # progress is durable while the job runs: about half the shards are committed, not none
-    assert 2 <= len(committed) <= 4, committed
+    # progress is durable while the job runs: shards were committed before the failure, not none
+    # (how many of the 3 finished ones reached the commit before the failure surfaced is up to Ray's scheduling)
+    assert 1 <= len(committed) <= 5, committed
     first_run = {p.name: p.stat().st_mtime_ns for p in (output / "shards").glob("*.parquet")}
 
     monkeypatch.delenv(FAULT_ENV)
@@ -176,6 +178,24 @@ def test_changed_settings_are_refused_unless_overwrite(run_job, tmp_path, capsys
     assert run_job(tmp_path / "input", tmp_path / "output", "--prompt", "What color dominates?", "--overwrite") == 0
     assert json.loads((tmp_path / "output" / "_summary.json").read_text())["shards_done"] == 2
     assert json.loads((tmp_path / "output" / "_job.json").read_text())["prompt"] == "What color dominates?"
+
+
+def test_output_inside_the_input_is_not_read_back(run_job, tmp_path):
+    write_sample_shards(tmp_path / "data", shards=2, images_per_shard=1)
+    assert run_job(tmp_path / "data", tmp_path / "data" / "captions") == 0
+    assert run_job(tmp_path / "data", tmp_path / "data" / "captions") == 0
+    summary = json.loads((tmp_path / "data" / "captions" / "_summary.json").read_text())
+    assert (summary["shards_done"], summary["shards_skipped"], summary["shards_failed"]) == (0, 2, 0)
+
+
+def test_an_upgrade_continues_the_job(run_job, tmp_path):
+    """The package version (and the dtype) are recorded in _job.json but do not make a rerun a different job."""
+    write_sample_shards(tmp_path / "input", shards=2, images_per_shard=1)
+    assert run_job(tmp_path / "input", tmp_path / "output", "--limit-shards", "1") == 0
+    job_file = tmp_path / "output" / "_job.json"
+    job_file.write_text(job_file.read_text().replace('"package_version": "', '"package_version": "0.0.0-old-'))
+    assert run_job(tmp_path / "input", tmp_path / "output") == 0
+    assert json.loads((tmp_path / "output" / "_summary.json").read_text())["shards_done"] == 1
 
 
 def test_new_shard_in_a_growing_input_is_the_only_work(run_job, tmp_path):
