@@ -18,25 +18,22 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEFAULT_PROMPT = "Describe this image in one sentence."
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def checked(parse, valid, requirement: str):
+    """An argparse type: ``parse`` the text, then insist that ``valid(value)``."""
+
+    def convert(text: str):
+        value = parse(text)
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    convert.__name__ = parse.__name__  # argparse names it in "invalid int value: 'x'"
+    return convert
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
-    return value
+positive_int = checked(int, lambda v: v >= 1, "a positive integer")
+positive_seconds = checked(float, lambda v: v > 0, "a positive number of seconds")
+seconds = checked(float, lambda v: v >= 0, "0 or more seconds")
 
 
 def json_object(text: str) -> dict:
@@ -73,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-options", type=json_object, default={}, help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
     parser.add_argument("--overwrite", action="store_true", help="start over even if the output holds another job's checkpoints")
     parser.add_argument("--dry-run", action="store_true", help="list pending and done shards, run nothing")
-    parser.add_argument("--wait-for-lease", type=non_negative_float, default=0.0, metavar="SECONDS", help="if another run holds the output, wait up to this long instead of refusing")
-    parser.add_argument("--lease-ttl", type=positive_float, default=180.0, metavar="SECONDS", help="a crashed run's hold on the output expires this long after its last heartbeat (default: %(default)s)")
+    parser.add_argument("--wait-for-lease", type=seconds, default=0.0, metavar="SECONDS", help="if another run holds the output, wait up to this long instead of refusing")
+    parser.add_argument("--lease-ttl", type=positive_seconds, default=180.0, metavar="SECONDS", help="a crashed run's hold on the output expires this long after its last heartbeat (default: %(default)s)")
     return parser
 
 
