@@ -39,30 +39,21 @@ CONFIGS = {
                          num_key_value_heads=2),
         scale_factor=2,
     ),
-    # the published shapes (random weights)
-    "256m": dict(
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=512, patch_size=16),
-        text_config=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49280, rope_theta=100000.0, max_position_embeddings=8192),
-        scale_factor=4, longest_edge=2048,
-    ),
-    "500m": dict(
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=512, patch_size=16),
-        text_config=dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                         num_key_value_heads=5, vocab_size=49280, rope_theta=100000.0, max_position_embeddings=8192),
-        scale_factor=4, longest_edge=2048,
-    ),
-    "2.2b": dict(
-        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                           image_size=384, patch_size=14),
-        text_config=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=49155, rope_theta=273768.0, max_position_embeddings=16384),
-        scale_factor=3, longest_edge=1536,
-    ),
 }
+# the published shapes (random weights), from the registered FMS variants, and their processors' longest edge
+PUBLISHED = {"256m": 2048, "500m": 2048, "2.2b": 1536}
 SIZES = [(640, 480), (480, 640), (800, 600), (1024, 512), (500, 500), (1200, 800), (300, 900), (960, 720)]
+
+
+def published_config(variant: str) -> dict:
+    """write_random_checkpoint's arguments for a published shape: the variant's config handed back to HF."""
+    from fms.models import get_model
+
+    from fms_smolvlm.hf_api import fms_to_hf_config
+
+    hf = fms_to_hf_config(get_model("smolvlm", variant, device_type="meta").config)
+    return dict(vision_config=hf.vision_config.to_dict(), text_config=hf.text_config.to_dict(),
+                scale_factor=hf.scale_factor, longest_edge=PUBLISHED[variant])
 
 
 def resident_bytes() -> int:
@@ -170,7 +161,7 @@ def measure(name: str, run, device: torch.device, new_tokens: int, images: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default=None, help="default: cpu-mid on cpu, 256m on cuda")
+    parser.add_argument("--config", choices=sorted(CONFIGS) + sorted(PUBLISHED), default=None, help="default: cpu-mid on cpu, 256m on cuda")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--images", type=int, default=None, help="default: 2 batches")
     parser.add_argument("--new-tokens", type=int, default=64, help="the job's default --max-new-tokens")
@@ -181,14 +172,13 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config_name = args.config or ("256m" if device.type == "cuda" else "cpu-mid")
-    config = dict(CONFIGS[config_name])
-    longest_edge = config.pop("longest_edge", None)
+    config = CONFIGS[config_name] if config_name in CONFIGS else published_config(config_name)
     n_images = args.images or 2 * args.batch_size
     images = [synthetic_image(*SIZES[i % len(SIZES)], seed=i) for i in range(n_images)]
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_random_checkpoint(Path(tmp) / config_name, longest_edge=longest_edge, dtype=dtype, **config)
+        path = write_random_checkpoint(Path(tmp) / config_name, dtype=dtype, **config)
         runners = {
             "hf": lambda: hf_runner(path, images, args.batch_size, device, dtype),
             "eager": lambda: engine_runner(path, images, args.batch_size, device, dtype, compile=False),

@@ -61,8 +61,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        config = dict(CONFIGS[args.config])
-        model = write_random_checkpoint(tmp / "model", longest_edge=config.pop("longest_edge", None), **config)
+        model = write_random_checkpoint(tmp / "model", **CONFIGS[args.config])
         write_sample_shards(tmp / "shards", shards=args.shards, images_per_shard=args.images // args.shards)
         images = shard_images(tmp / "shards")
 

@@ -6,7 +6,6 @@ A shard is the unit of work and of checkpointing:
   * a folder of loose images (its direct children).
 """
 
-import io
 import posixpath
 import tarfile
 from dataclasses import asdict, dataclass

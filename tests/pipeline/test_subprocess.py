@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import fsspec
@@ -21,14 +22,19 @@ from tests.pipeline.test_job import read_outputs
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
-def wait_for(condition, timeout: float, what: str):
-    """Poll a condition with a deadline (the subject is another process's progress on disk)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def wait_for_log_lines(process: subprocess.Popen, marker: str, count: int, timeout: float) -> None:
+    """Read the process's log until ``count`` lines contain ``marker``; a watchdog kills it after ``timeout`` s."""
+    watchdog = threading.Timer(timeout, os.killpg, (process.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        seen = 0
+        for line in process.stderr:
+            seen += marker in line
+            if seen == count:
+                return
+    finally:
+        watchdog.cancel()
+    raise AssertionError(f"the process ended (or ran past {timeout} s) before logging {count} lines with {marker!r}")
 
 
 def job_command(input_dir, output_dir, model, *flags):
@@ -41,10 +47,10 @@ def test_kill_9_of_the_driver_loses_nothing_and_duplicates_nothing(checkpoint, t
     output = tmp_path / "output"
     env = {**os.environ, "RAY_ADDRESS": "local"}  # its own local Ray, which dies with its process group
     killed_run = job_command(tmp_path / "input", output, checkpoint, "--batch-size", "1", "--lease-ttl", "3")
-    driver = subprocess.Popen(killed_run,
-                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(killed_run, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: len(list((output / "_checkpoints").glob("*.json"))) >= 2, 300, "two committed shards")
+        wait_for_log_lines(driver, "committed shard", count=2, timeout=300)  # the job logs each commit
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -87,9 +93,12 @@ def ray_head():
     head = subprocess.Popen(start, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        # ready when the node's job agent takes a job (the dashboard answers before the agent is up)
+        # ready when the node's job agent takes a job (the dashboard answers before the agent is up); each try
+        # is a CLI run of a second or more, which paces the loop
         probe = [RAY, "job", "submit", "--address", address, "--", "true"]
-        wait_for(lambda: subprocess.run(probe, env=env, capture_output=True).returncode == 0, 180, "the job agent")
+        deadline = time.monotonic() + 180
+        while subprocess.run(probe, env=env, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "the Ray job agent did not come up in 180 s"
         yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)
