@@ -1,6 +1,5 @@
 """The one-call API: load a SmolVLM checkpoint through FMS and caption batches of images."""
 
-import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,13 +8,12 @@ from typing import Optional, Sequence
 import torch
 
 import fms.models
+from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint, stop_token_ids
 from fms_smolvlm.generation import GenerationEngine, Request, SamplingParams
-from fms_smolvlm.hf_config import HF_ARCHITECTURES
 from fms_smolvlm.processing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ProcessedSample, SmolVLMPreprocessor
 from fms_smolvlm.smolvlm import SmolVLM
 
 DEFAULT_PROMPT = "Describe this image."
-_CONFIG_FILES = ["*.json", "*.jinja", "tokenizer*"]
 
 
 @dataclass
@@ -42,50 +40,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return getattr(torch, dtype)
-
-
-def resolve_checkpoint(model_dir_or_id, weights: bool = True, revision: Optional[str] = None) -> Path:
-    """A local checkpoint directory, or a hub model id (at ``revision``) fetched into (or found in) the HF cache
-    (``weights=False``: only its config, processor and tokenizer files)."""
-    path = Path(model_dir_or_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or str(model_dir_or_id).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{model_dir_or_id}: not a checkpoint directory")
-    from huggingface_hub import snapshot_download
-
-    try:
-        patterns = _CONFIG_FILES + (["*.safetensors"] if weights else [])
-        return Path(snapshot_download(str(model_dir_or_id), revision=revision, allow_patterns=patterns))
-    except Exception as error:  # offline, unknown id, no access: one line naming the model
-        raise FileNotFoundError(f"{model_dir_or_id}: cannot fetch from the Hugging Face hub ({error})") from None
-
-
-def check_checkpoint_dir(path: Path, weights: bool = True) -> dict:
-    """The checkpoint's config, after checking it is a SmolVLM checkpoint (with safetensors weights)."""
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{path}: no config.json, not a Hugging Face checkpoint directory")
-    config = json.loads(config_file.read_text())
-    architectures = config.get("architectures") or []
-    if not architectures or architectures[0] not in HF_ARCHITECTURES:
-        raise ValueError(
-            f"{path}: architecture {architectures[:1] or 'unknown'} is not SmolVLM "
-            f"(expected one of {', '.join(HF_ARCHITECTURES)})"
-        )
-    if weights and not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors checkpoints are supported)")
-    return config
-
-
-def stop_token_ids(path: Path, tokenizer) -> list[int]:
-    """``<end_of_utterance>`` plus any eos ids of ``generation_config.json``."""
-    ids = {tokenizer.convert_tokens_to_ids("<end_of_utterance>")}
-    generation_config = path / "generation_config.json"
-    if generation_config.exists():
-        eos = json.loads(generation_config.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return sorted(i for i in ids if i is not None)
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype, preprocessor: SmolVLMPreprocessor) -> SmolVLM:

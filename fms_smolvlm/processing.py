@@ -33,9 +33,14 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fms_smolvlm.checkpoint import ProcessorConfigError, read_processor_config
+
 ImageInput = Union[bytes, bytearray, memoryview, Image.Image]
 
 MAX_RESIZED_EDGE = 4096  # HF's absolute cap on the resized image
+# HF's Idefics3/SmolVLM image processor class defaults, for a processor config that omits them
+HF_DEFAULT_SIZE = {"longest_edge": 4 * 364}
+HF_DEFAULT_TILE = {"longest_edge": 364}
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 EXIF_ORIENTATION = 0x0112
 
@@ -258,28 +263,31 @@ class SmolVLMPreprocessor:
         image_splitting: Optional[bool] = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> "SmolVLMPreprocessor":
-        """``image_longest_edge`` / ``image_splitting``: None keeps the checkpoint's processor config."""
+        """``image_longest_edge`` / ``image_splitting``: None keeps the checkpoint's processor config (in any of the
+        layouts :mod:`fms_smolvlm.checkpoint` reads)."""
         from transformers import AutoTokenizer
 
         model_dir = Path(model_dir)
-        image_config = _read_json(model_dir / "preprocessor_config.json")
-        _check_normalisation(image_config, model_dir)
-        processor_config = _read_json(model_dir / "processor_config.json", required=False)
-        tile = image_config["max_image_size"]["longest_edge"]
+        config = read_processor_config(model_dir)
+        image = config.image
+        _check_normalisation(image, model_dir)
         settings = ImageSettings(
-            longest_edge=image_longest_edge or image_config["size"]["longest_edge"],
-            tile_size=tile,
-            splitting=image_config.get("do_image_splitting", True) if image_splitting is None else image_splitting,
+            longest_edge=image_longest_edge or image.get("size", HF_DEFAULT_SIZE)["longest_edge"],
+            tile_size=image.get("max_image_size", HF_DEFAULT_TILE)["longest_edge"],
+            splitting=image.get("do_image_splitting", True) if image_splitting is None else image_splitting,
             max_pixels=max_image_pixels,
-            resample=image_config.get("resample", Image.Resampling.LANCZOS),
-            image_mean=tuple(image_config.get("image_mean", (0.5,) * 3)),
-            image_std=tuple(image_config.get("image_std", (0.5,) * 3)),
+            resample=image.get("resample", Image.Resampling.LANCZOS),
+            image_mean=tuple(image.get("image_mean", (0.5,) * 3)),
+            image_std=tuple(image.get("image_std", (0.5,) * 3)),
         )
         if settings.longest_edge < 1:
             raise ValueError(f"image_longest_edge must be positive, got {settings.longest_edge}")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        image_seq_len = processor_config.get("image_seq_len") or _image_seq_len_from_config(model_dir)
-        return cls(tokenizer, _read_chat_template(model_dir, tokenizer), image_seq_len, settings)
+        chat_template = config.chat_template or tokenizer.chat_template
+        if not chat_template:
+            raise ProcessorConfigError(f"{model_dir} has no chat template (chat_template.jinja or chat_template.json)")
+        image_seq_len = config.image_seq_len or _image_seq_len_from_config(model_dir)
+        return cls(tokenizer, chat_template, image_seq_len, settings)
 
     def fingerprint(self) -> dict:
         """The settings that change what the model sees (for a job's identity)."""
@@ -335,39 +343,19 @@ class SmolVLMPreprocessor:
         return ProcessedSample(ids, processed.tiles, processed.width, processed.height)
 
 
-def _read_json(path: Path, required: bool = True) -> dict:
-    if not path.exists():
-        if required:
-            raise FileNotFoundError(f"{path} is missing: not a SmolVLM checkpoint directory")
-        return {}
-    return json.loads(path.read_text())
-
-
 def _check_normalisation(image_config: dict, model_dir: Path) -> None:
     # the model normalises uint8 as (x / 255 - mean) / std; other processor settings would change inputs
     rescale = image_config.get("rescale_factor", 1 / 255)
     if not image_config.get("do_rescale", True) or not image_config.get("do_normalize", True) or not math.isclose(
         rescale, 1 / 255
     ):
-        raise ValueError(
-            f"{model_dir}/preprocessor_config.json: only do_rescale=true, rescale_factor=1/255, do_normalize=true "
+        raise ProcessorConfigError(
+            f"{model_dir}: only image processors with do_rescale=true, rescale_factor=1/255, do_normalize=true "
             "are supported"
         )
 
 
 def _image_seq_len_from_config(model_dir: Path) -> int:
-    config = _read_json(model_dir / "config.json")
+    config = json.loads((model_dir / "config.json").read_text())
     vision = config["vision_config"]
     return (vision["image_size"] // vision["patch_size"]) ** 2 // config.get("scale_factor", 2) ** 2
-
-
-def _read_chat_template(model_dir: Path, tokenizer) -> str:
-    template_json = model_dir / "chat_template.json"
-    if template_json.exists():
-        return json.loads(template_json.read_text())["chat_template"]
-    template_jinja = model_dir / "chat_template.jinja"
-    if template_jinja.exists():
-        return template_jinja.read_text()
-    if tokenizer.chat_template:
-        return tokenizer.chat_template
-    raise FileNotFoundError(f"{model_dir} has no chat template (chat_template.json or chat_template.jinja)")

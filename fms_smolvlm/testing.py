@@ -21,6 +21,18 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# SmolVLM2's (HF's DEFAULT_CHAT_TEMPLATE in processing_smolvlm.py): a video item renders as <video>
+VIDEO_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'] is string %}{{': ' + message['content']}}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# SmolVLM2-256M/500M-Video-Instruct's video sampling
+VIDEO_SAMPLING = {"fps": 1, "max_frames": 64}
+
 BASE_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 IMAGE_SPECIAL_TOKENS = (
     ["<global-img>"]
@@ -98,18 +110,25 @@ def write_random_checkpoint(
     longest_edge: Optional[int] = None,
     do_image_splitting: bool = True,
     dtype: torch.dtype = torch.float32,
+    layout: str = "hub",
 ) -> Path:
     """Write a random SmolVLM checkpoint in HF format to ``path`` and return it.
 
     ``vision_config`` / ``text_config`` override HF config fields of the small defaults above. The
     image processor tiles at the vision tower's ``image_size`` and resizes the longest edge to
     ``longest_edge`` (default 4 tiles' worth, like the published processors).
+
+    ``layout``: ``"hub"`` writes the processor files as the HuggingFaceTB repos ship them (SmolVLM2 ones with their
+    ``video_sampling``), ``"transformers"`` as transformers 5.x ``save_pretrained`` writes them after a fine-tune.
+    ``SmolVLMForConditionalGeneration`` checkpoints are SmolVLM2's: they carry video settings and template.
     """
     import transformers
     from transformers import GenerationConfig
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
+    if layout not in LAYOUT_WRITERS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUT_WRITERS)}, got {layout!r}")
     model_type, processor_class, image_processor_class = ARCHITECTURES[architecture]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -147,27 +166,67 @@ def write_random_checkpoint(
     tokenizer.save_pretrained(path)
 
     tile = vision["image_size"]
-    image_seq_len = (tile // vision["patch_size"]) ** 2 // scale_factor**2
-    preprocessor = {
-        "image_processor_type": image_processor_class,
-        "processor_class": processor_class,
+    image_processor = {
         "do_convert_rgb": True,
-        "do_resize": True,
-        "size": {"longest_edge": longest_edge or 4 * tile},
-        "resample": 1,
         "do_image_splitting": do_image_splitting,
-        "max_image_size": {"longest_edge": tile},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
         "do_pad": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": image_processor_class,
+        "image_std": [0.5, 0.5, 0.5],
+        "max_image_size": {"longest_edge": tile},
+        "resample": 1,
+        "rescale_factor": 1 / 255,
+        "size": {"longest_edge": longest_edge or 4 * tile},
     }
-    _write_json(path / "preprocessor_config.json", preprocessor)
-    _write_json(path / "processor_config.json", {"image_seq_len": image_seq_len, "processor_class": processor_class})
-    _write_json(path / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    video = architecture == "SmolVLMForConditionalGeneration"
+    image_seq_len = (tile // vision["patch_size"]) ** 2 // scale_factor**2
+    LAYOUT_WRITERS[layout](path, image_processor, image_seq_len, processor_class, video)
     return path
+
+
+def _write_hub_layout(path: Path, image_processor: dict, image_seq_len: int, processor_class: str, video: bool):
+    """As the HuggingFaceTB repos ship them; SmolVLM2's keep the video sampling in preprocessor_config.json."""
+    _write_json(path / "preprocessor_config.json", {**_hub_image_processor(image_processor, video), "processor_class": processor_class})
+    _write_json(path / "processor_config.json", {"image_seq_len": image_seq_len, "processor_class": processor_class})
+    _write_json(path / "chat_template.json", {"chat_template": chat_template(video)})
+
+
+def _write_transformers_layout(path: Path, image_processor: dict, image_seq_len: int, processor_class: str, video: bool):
+    """What transformers 5.x ``Processor.save_pretrained`` writes after loading the hub layout (the tests compare
+    the two): one processor_config.json with the image (and video) processor inside, the chat template as
+    chat_template.jinja, no preprocessor_config.json."""
+    image_processor = _hub_image_processor(image_processor, video)
+    processor = {"image_processor": image_processor, "image_seq_len": image_seq_len, "processor_class": processor_class}
+    if video:  # HF's video processor keeps every init setting, and its video_size is replaced by size
+        processor["video_processor"] = {
+            **{k: v for k, v in image_processor.items() if k != "image_processor_type"},
+            "do_sample_frames": False,
+            "fps": VIDEO_SAMPLING["fps"],
+            "num_frames": VIDEO_SAMPLING["max_frames"],
+            "return_metadata": False,
+            "video_processor_type": "SmolVLMVideoProcessor",
+            "video_sampling": dict(VIDEO_SAMPLING, video_size=image_processor["size"]),
+        }
+    _write_json(path / "processor_config.json", processor)
+    (path / "chat_template.jinja").write_text(chat_template(video))
+
+
+def _hub_image_processor(image_processor: dict, video: bool) -> dict:
+    if not video:
+        return image_processor
+    # the hub files state one tile as video_size, which HF replaces by size (see checkpoint.video_sampling)
+    return {**image_processor, "video_sampling": dict(VIDEO_SAMPLING, video_size=image_processor["max_image_size"])}
+
+
+def chat_template(video: bool) -> str:
+    """SmolVLM2's template also renders a video item (as ``<video>``, which its processor expands)."""
+    return VIDEO_CHAT_TEMPLATE if video else CHAT_TEMPLATE
+
+
+LAYOUT_WRITERS = {"hub": _write_hub_layout, "transformers": _write_transformers_layout}
 
 
 def _write_json(path: Path, data: dict) -> None:

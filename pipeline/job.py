@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import fms_smolvlm
-from fms_smolvlm.captioner import check_checkpoint_dir, resolve_checkpoint
+from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint
 from fms_smolvlm.processing import SmolVLMPreprocessor
 from pipeline.commit import CHECKPOINTS_DIR, SHARDS_DIR, ShardCommitter, committed_shards
 from pipeline.lease import LeaseHeldError, OutputLease

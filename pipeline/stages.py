@@ -12,7 +12,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from fms_smolvlm.captioner import CaptionResult, resolve_checkpoint
+from fms_smolvlm.captioner import CaptionResult
+from fms_smolvlm.checkpoint import resolve_checkpoint
 from fms_smolvlm.processing import ProcessedSample, SmolVLMPreprocessor
 from pipeline.commit import OUTPUT_SCHEMA
 
