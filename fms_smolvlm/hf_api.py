@@ -4,11 +4,11 @@
   ``forward`` takes what HF's processor returns and gives ``.logits``; ``generate`` and
   ``pipeline("image-text-to-text")`` run on it. The KV cache is FMS's own list of per-layer
   ``(keys, values)``, handed to HF in the output and back to FMS as ``past_key_value_states``.
-* :func:`export_hf_checkpoint` writes an HF checkpoint: the ``hf`` adapter's steps undone in reverse
-  order (unfuse, undo the RoPE permutation, HF names, check against the HF shapes), ``config.json``
-  and ``generation_config.json``.
+* :func:`export_hf_checkpoint` writes an HF checkpoint: the ``hf`` adapter undone (unfuse, HF names, undo the
+  RoPE permutation, check against the HF shapes), ``config.json`` and ``generation_config.json``.
 """
 
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -20,12 +20,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fms_smolvlm.hf_config import HF_ARCHITECTURES
 from fms_smolvlm.smolvlm import (
-    _ROPE_WEIGHT,
     SmolVLM,
     SmolVLMConfig,
     _check_hf_checkpoint,
     attention_mask_3d,
-    fms_to_hf_name,
+    fms_to_hf_names,
     hf_weight_shapes,
     patch_mask_from_pixel_mask,
 )
@@ -171,14 +170,14 @@ def to_hf_api(
 # FMS -> HF checkpoint: the ``hf`` adapter's steps inverted, in reverse order
 
 
-def _weight_unfusion(input_sd: Mapping[str, Any], model_config: SmolVLMConfig) -> dict[str, Any]:
+def _weight_unfusion(input_sd: Mapping[str, Any], model_config: SmolVLMConfig, names: dict) -> dict[str, Any]:
     """``attn.in_proj.qkv_fused`` -> query/key/value (sized by the HF shapes); ``ff_sub_layer.wg1_fused`` -> wg, w1."""
     shapes = hf_weight_shapes(model_config)
     new_sd = {}
     for name, param in input_sd.items():
         if ".attn.in_proj.qkv_fused." in name:
             parts = [name.replace("qkv_fused", part) for part in ("query", "key", "value")]
-            sizes = [shapes[fms_to_hf_name(part)][0] for part in parts]
+            sizes = [shapes[names[part]][0] for part in parts]
         elif ".ff_sub_layer.wg1_fused." in name:
             parts = [name.replace("wg1_fused", part) for part in ("wg", "w1")]
             sizes = [param.shape[0] // 2] * 2
@@ -190,28 +189,32 @@ def _weight_unfusion(input_sd: Mapping[str, Any], model_config: SmolVLMConfig) -
     return new_sd
 
 
-def _fms_to_hf_rope(input_sd: Mapping[str, Any], model_config: SmolVLMConfig) -> dict[str, Any]:
-    """Inverse of ``_hf_to_fms_rope``: q/k rows from FMS's adjacent pairs back to HF's (i, i + d/2) halves."""
-    head_dim = model_config.text_config.emb_dim // model_config.text_config.nheads
-    new_sd = dict(input_sd)
-    for name, param in input_sd.items():
-        if _ROPE_WEIGHT.search(name):
-            heads = param.size(0) // head_dim
-            new_sd[name] = param.view(heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(param.shape)
-    return new_sd
-
-
-def _fms_to_hf_names(input_sd: Mapping[str, Any], model_config: SmolVLMConfig) -> dict[str, Any]:
-    new_sd = {fms_to_hf_name(name): param for name, param in input_sd.items()}
+def _fms_to_hf_names(input_sd: Mapping[str, Any], model_config: SmolVLMConfig, names: dict) -> dict[str, Any]:
+    new_sd = {names.get(name, name): param for name, param in input_sd.items()}  # the check names strangers
     if model_config.tie_word_embeddings:
         del new_sd["lm_head.weight"]  # HF's tied checkpoints store the embedding only
     return new_sd
 
 
+_HF_ROPE_WEIGHT = re.compile(r"model\.text_model\.layers\.\d+\.self_attn\.[qk]_proj\.weight$")
+
+
+def _fms_to_hf_rope(input_sd: Mapping[str, Any], model_config: SmolVLMConfig, names: dict) -> dict[str, Any]:
+    """Inverse of FMS's LLaMA ``hf_to_fms_rope``: q/k rows from FMS's adjacent pairs back to HF's (i, i + d/2) halves."""
+    head_dim = model_config.text_config.emb_dim // model_config.text_config.nheads
+    new_sd = dict(input_sd)
+    for name, param in input_sd.items():
+        if _HF_ROPE_WEIGHT.match(name):
+            heads = param.size(0) // head_dim
+            new_sd[name] = param.view(heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(param.shape)
+    return new_sd
+
+
 def fms_to_hf_state_dict(state_dict: Mapping[str, Any], model_config: SmolVLMConfig) -> dict[str, Any]:
     """An FMS SmolVLM state dict -> the HF checkpoint's tensors; ``CheckpointError`` unless exactly HF's keys/shapes."""
-    for step in (_weight_unfusion, _fms_to_hf_rope, _fms_to_hf_names):
-        state_dict = step(state_dict, model_config)
+    names = fms_to_hf_names(model_config)
+    for step in (_weight_unfusion, _fms_to_hf_names, _fms_to_hf_rope):
+        state_dict = step(state_dict, model_config, names)
     return dict(_check_hf_checkpoint(state_dict, model_config))
 
 
@@ -233,7 +236,7 @@ def export_hf_checkpoint(
         metadata={"format": "pt"},
     )
     config = fms_to_hf_config(model.config, architecture)
-    config.dtype = model.language_model.base_model.embedding.weight.dtype
+    config.dtype = model.dtype
     config.save_pretrained(out_dir)
     (generation_config or GenerationConfig.from_model_config(config)).save_pretrained(out_dir)
     return out_dir

@@ -265,8 +265,18 @@ class SmolVLM(nn.Module):
         self.language_model.post_init()
         check_all_weights_loaded(self)
 
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.base_model.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.base_model.embedding.weight.dtype
+
     def normalize_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """uint8 tiles -> the model's dtype, normalised in float32 like HF; float input is taken as already normalised."""
+        """uint8 tiles -> the vision tower's dtype, normalised in float32 like HF; float input is taken as already
+        normalised. In float32 first, then cast: HF's processor hands the model float32 pixels, so a bf16 model
+        sees exactly HF's pixels rounded once."""
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
         if pixel_values.dtype == torch.uint8:
             mean = torch.tensor(self.config.image_mean, device=pixel_values.device).view(1, -1, 1, 1)
@@ -318,9 +328,10 @@ class SmolVLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids_or_embeds: torch.Tensor,
         pixel_values: Optional[torch.Tensor] = None,
         patch_mask: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         past_key_value_states=None,
         use_cache: bool = False,
@@ -328,22 +339,43 @@ class SmolVLM(nn.Module):
         **attn_kwargs: Unpack[AttentionKwargs],
     ):
         """
-        input_ids: ``(batch, seq)`` with each image expanded to its tiles' ``<image>`` tokens.
+        input_ids_or_embeds: ``(batch, seq)`` token ids with each image expanded to its tiles' ``<image>`` tokens, or
+            ``(batch, seq, emb_dim)`` embeddings with the images already merged (FMS's convention for VLMs).
         pixel_values: the real tiles of all images of the batch, in prompt order, ``(tiles, 3, H, W)``:
             uint8 (normalised here) or an already normalised float tensor. Only on the prefill.
         patch_mask: ``(tiles, H/p, W/p)`` bool for partially padded tiles; None when all are full.
+        image_features: the vision tower's output for those tiles (:meth:`image_features`), instead of pixel_values.
         """
         get_attention_type(**attn_kwargs)["validate_attn_kwargs"](
-            input_ids=input_ids,
+            input_ids=input_ids_or_embeds,
             position_ids=position_ids,
             past_key_value_states=past_key_value_states,
             **attn_kwargs,
         )
-        features = None if pixel_values is None else self.image_features(pixel_values, patch_mask)
-        embeds = self.embed(input_ids, features)
+        if pixel_values is not None:
+            if image_features is not None:
+                raise ValueError("pass pixel_values or image_features, not both")
+            image_features = self.image_features(pixel_values, patch_mask)
+        if input_ids_or_embeds.is_floating_point():
+            if image_features is not None:
+                raise ValueError("embeddings come with their images merged: pass token ids to merge images here")
+            embeds = input_ids_or_embeds
+        else:
+            embeds = self.embed(input_ids_or_embeds, image_features)
         hidden, cache = self.decode(embeds, position_ids, past_key_value_states, use_cache, **attn_kwargs)
         logits = self.language_model.head(gather_outputs(hidden, last_n_tokens, **attn_kwargs))
         return (logits, cache) if use_cache else logits
+
+    def prepare_inputs_for_generation(self, iteration: int, input_ids: torch.Tensor, kwargs: dict):
+        """FMS's generation hook: ``fms.utils.generation.generate(model, ids, ..., prepare_model_inputs_hook=
+        model.prepare_inputs_for_generation, extra_kwargs={"pixel_values": tiles})``. The prefill runs the vision
+        tower once and hands its features to ``forward``; with a cache the decode steps see only new tokens (no
+        images), without one every step merges the same features into the whole sequence again."""
+        if iteration == 0 and "pixel_values" in kwargs:
+            kwargs["image_features"] = self.image_features(kwargs.pop("pixel_values"), kwargs.pop("patch_mask", None))
+        elif iteration > 0 and kwargs.get("use_cache"):
+            kwargs.pop("image_features", None)  # the images are in the cache
+        return input_ids, kwargs
 
 
 def check_all_weights_loaded(model: nn.Module) -> None:
@@ -429,56 +461,60 @@ models.register_model(_architecture_name, "2.2b", _smolvlm_factory_factory(_2_2b
 # ---------------------------------------------------------------------------------------------
 # HF checkpoint -> FMS: small pure steps ``(state_dict, model_config) -> state_dict``
 
-# (HF prefix, FMS prefix); the first match wins
-_PREFIXES = [
-    ("model.vision_model.", "vision_tower."),
-    ("model.connector.modality_projection.", "connector."),
-    ("model.text_model.embed_tokens.", "language_model.base_model.embedding."),
-    ("model.text_model.norm.", "language_model.base_model.dec_norm."),
-    ("model.text_model.", "language_model.base_model."),
-    ("lm_head.", "language_model.head."),
-]
-# (HF, FMS) module names inside a layer, per tower
-_VISION_LAYER_NAMES = [
-    ("self_attn.q_proj", "attn.in_proj.query"),
-    ("self_attn.k_proj", "attn.in_proj.key"),
-    ("self_attn.v_proj", "attn.in_proj.value"),
-    ("self_attn.out_proj", "attn.dense"),
-    ("mlp.fc1", "mlp.w1"),
-    ("mlp.fc2", "mlp.w2"),
-]
-_TEXT_LAYER_NAMES = [
-    ("self_attn.q_proj", "attn.in_proj.query"),
-    ("self_attn.k_proj", "attn.in_proj.key"),
-    ("self_attn.v_proj", "attn.in_proj.value"),
-    ("self_attn.o_proj", "attn.dense"),
-    ("mlp.gate_proj", "ff_sub_layer.wg"),
-    ("mlp.up_proj", "ff_sub_layer.w1"),
-    ("mlp.down_proj", "ff_sub_layer.w2"),
-    ("input_layernorm", "ln"),
-    ("post_attention_layernorm", "ff_ln"),
-]
+@dataclass(frozen=True)
+class _Tower:
+    """A part of the HF checkpoint that FMS already knows how to convert: its own SigLIP encoder or LLaMA."""
+
+    hf_prefix: str  # in the SmolVLM checkpoint
+    fms_source_prefix: str  # what FMS's own HF adapter expects in its place
+    architecture: str  # whose registered "hf" adapter converts it
+    config_field: str  # SmolVLMConfig's sub-config for that adapter
+    adapted_prefix: str  # the prefix FMS's adapter gives the converted names ...
+    module_prefix: str  # ... and where they live in SmolVLM
 
 
-def _rename(name: str, to_fms: bool) -> str:
-    src, dst = (0, 1) if to_fms else (1, 0)
-    for pair in _PREFIXES:
-        if name.startswith(pair[src]):
-            rest = name[len(pair[src]) :]
-            layer_names = _VISION_LAYER_NAMES if pair[0] == "model.vision_model." else _TEXT_LAYER_NAMES
-            for layer_pair in layer_names:
-                rest = re.sub(rf"(^|\.){re.escape(layer_pair[src])}\.", rf"\g<1>{layer_pair[dst]}.", rest)
-            return pair[dst] + rest
-    return name
+_TOWERS = (
+    _Tower("model.vision_model.", "vision_model.", "siglip_vision", "vision_config", "base_model.", "vision_tower."),
+    _Tower("model.text_model.", "model.", "llama", "text_config", "", "language_model."),
+    _Tower("lm_head.", "lm_head.", "llama", "text_config", "", "language_model."),
+)
+_CONNECTOR = ("model.connector.modality_projection.", "connector.")  # SmolVLM's own part: a rename
 
 
-def hf_to_fms_name(name: str) -> str:
-    return _rename(name, to_fms=True)
+def _tower_of(hf_name: str) -> Optional[_Tower]:
+    return next((tower for tower in _TOWERS if hf_name.startswith(tower.hf_prefix)), None)
 
 
-def fms_to_hf_name(name: str) -> str:
-    """Inverse of :func:`hf_to_fms_name` on unfused FMS names."""
-    return _rename(name, to_fms=False)
+def _hf_towers_to_fms(
+    input_sd: Mapping[str, Any], model_config: Optional[SmolVLMConfig] = None, **kwargs
+) -> Mapping[str, Any]:
+    """HF tensors -> SmolVLM's: each tower through FMS's own registered ``hf`` adapter (SigLIP: names and q/k/v
+    fusion; LLaMA: names, the RoPE permutation of q/k, fusion), the connector renamed."""
+    if model_config is None:
+        raise ValueError("SmolVLM's hf adapter needs the model config (head sizes, weight fusion)")
+    new_sd = {}
+    by_tower: dict[_Tower, dict] = {}
+    for name, tensor in input_sd.items():
+        tower = _tower_of(name)
+        if tower is None:
+            new_sd[name.replace(*_CONNECTOR)] = tensor
+        else:
+            by_tower.setdefault(tower, {})[tower.fms_source_prefix + name[len(tower.hf_prefix) :]] = tensor
+    for tower, tensors in by_tower.items():
+        sub_config = getattr(model_config, tower.config_field).updated(fused_weights=model_config.fused_weights)
+        adapted = serialization.get_adapted(tower.architecture, "hf", tensors, {"model_config": sub_config})
+        new_sd.update((tower.module_prefix + name.removeprefix(tower.adapted_prefix), t) for name, t in adapted.items())
+    return new_sd
+
+
+def fms_to_hf_names(model_config: SmolVLMConfig) -> dict[str, str]:
+    """Unfused SmolVLM parameter name -> HF name: the adapter above run name by name (on meta tensors)."""
+    unfused = model_config.updated(fused_weights=False)
+    names = {}
+    for hf_name, shape in hf_weight_shapes(model_config).items():
+        adapted = _hf_towers_to_fms({hf_name: torch.empty(shape, device="meta")}, unfused)
+        names[next(iter(adapted))] = hf_name
+    return names
 
 
 def hf_weight_shapes(config: SmolVLMConfig) -> dict[str, tuple[int, ...]]:
@@ -563,40 +599,6 @@ def _check_hf_checkpoint(
     return input_sd
 
 
-def _hf_to_fms_names(input_sd: Mapping[str, Any], **kwargs) -> Mapping[str, Any]:
-    return {hf_to_fms_name(name): tensor for name, tensor in input_sd.items()}
-
-
-_ROPE_WEIGHT = re.compile(r"language_model\.base_model\.layers\.\d+\.attn\.in_proj\.(query|key)\.weight$")
-
-
-def _hf_to_fms_rope(
-    input_sd: Mapping[str, Any], model_config: Optional[SmolVLMConfig] = None, **kwargs
-) -> Mapping[str, Any]:
-    """HF rotates dims (i, i + d/2) together; FMS rotates adjacent pairs (2i, 2i + 1). Reorder q/k rows to match."""
-    if model_config is None:
-        raise ValueError("the hf_to_fms_rope step needs the model config (for the head size)")
-    head_dim = model_config.text_config.emb_dim // model_config.text_config.nheads
-    new_sd = dict(input_sd)
-    for name, param in input_sd.items():
-        if _ROPE_WEIGHT.search(name):
-            heads = param.size(0) // head_dim
-            new_sd[name] = param.view(heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(param.shape)
-    return new_sd
-
-
-def _weight_fusion(
-    input_sd: Mapping[str, Any], model_config: Optional[SmolVLMConfig] = None, **kwargs
-) -> Mapping[str, Any]:
-    if model_config is not None and not model_config.fused_weights:
-        return input_sd
-    return serialization._mlp_glu_unfused_to_fused_adapter_step(serialization._attn_unfused_to_fused_step(input_sd))
-
-
 serialization.register_adapter_step(_architecture_name, "hf_checkpoint_check", _check_hf_checkpoint)
-serialization.register_adapter_step(_architecture_name, "hf_to_fms_names", _hf_to_fms_names)
-serialization.register_adapter_step(_architecture_name, "hf_to_fms_rope", _hf_to_fms_rope)
-serialization.register_adapter_step(_architecture_name, "weight_fusion", _weight_fusion)
-serialization.register_adapter(
-    _architecture_name, "hf", ["hf_checkpoint_check", "hf_to_fms_names", "hf_to_fms_rope", "weight_fusion"]
-)
+serialization.register_adapter_step(_architecture_name, "hf_towers_to_fms", _hf_towers_to_fms)
+serialization.register_adapter(_architecture_name, "hf", ["hf_checkpoint_check", "hf_towers_to_fms"])

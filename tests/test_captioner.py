@@ -2,6 +2,8 @@
 
 import io
 
+import torch
+
 import pytest
 
 from fms_smolvlm import Captioner
@@ -41,3 +43,27 @@ def test_results_fields_and_bad_image(checkpoint):
         assert result.num_image_tokens % captioner.preprocessor.image_seq_len == 0
     # the same image alone gives the same caption: batching does not change greedy results
     assert captioner.generate([random_image(50, 50)], max_new_tokens=5)[0].token_ids == other.token_ids
+
+
+def test_fms_generate_drives_the_model_with_images(checkpoint):
+    """FMS's own generate loop, with the model's VLM hook, gives Captioner's greedy tokens."""
+    from fms.utils.generation import generate
+
+    captioner = Captioner.from_pretrained(checkpoint)
+    image = random_image(40, 110, seed=2)
+    expected = captioner.generate([image], PROMPT, max_new_tokens=12)[0]
+    assert len(expected.token_ids) >= 8  # random weights that stop at once would prove nothing
+    sample = captioner.preprocess([image], PROMPT)[0]
+    for use_cache in (True, False):
+        output = generate(
+            captioner.model,
+            torch.tensor(sample.input_ids),
+            max_new_tokens=12,
+            do_sample=False,
+            use_cache=use_cache,
+            prepare_model_inputs_hook=captioner.model.prepare_inputs_for_generation,
+            extra_kwargs={"pixel_values": torch.from_numpy(sample.tiles)},
+        )
+        generated = output[len(sample.input_ids) :].tolist()
+        stop = next((i for i, t in enumerate(generated) if t in captioner.engine.stop_ids.tolist()), len(generated))
+        assert generated[:stop] == expected.token_ids, use_cache

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, Idefics3Config, Idefics3ForConditionalGeneration
 
 from fms_smolvlm import Captioner, CheckpointError, SmolVLM
-from fms_smolvlm.captioner import check_checkpoint_dir
+from fms_smolvlm.checkpoint import check_checkpoint_dir
 from fms_smolvlm.hf_config import build_smolvlm_params
 
 # The published HuggingFaceTB/SmolVLM-256M-Instruct config.json (model part)
@@ -76,14 +76,45 @@ def test_named_variant_loads_with_source_hf(checkpoint):
         assert torch.equal(ours, theirs), name
 
 
-def test_variants_are_the_published_shapes():
+def published_config(text: dict, vision: dict, **top) -> dict:
+    """A published config.json: SmolVLM-256M's with the differences stated (values of shared/reference/smolvlm-hf.md)."""
+    return {
+        **SMOLVLM_256M_CONFIG,
+        **top,
+        "vision_config": {**SMOLVLM_256M_CONFIG["vision_config"], **vision},
+        "text_config": {**SMOLVLM_256M_CONFIG["text_config"], **text},
+    }
+
+
+PUBLISHED_CONFIGS = {
+    "256m": SMOLVLM_256M_CONFIG,  # HuggingFaceTB/SmolVLM-256M-Instruct
+    "500m": published_config(  # HuggingFaceTB/SmolVLM-500M-Instruct
+        text=dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5),
+        vision={},
+    ),
+    "2.2b": published_config(  # HuggingFaceTB/SmolVLM-Instruct
+        text=dict(
+            vocab_size=49155, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+            num_key_value_heads=32, rope_theta=273768.0, max_position_embeddings=16384,
+        ),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=384, patch_size=14),
+        scale_factor=3,
+        image_token_id=49153,
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PUBLISHED_CONFIGS))
+def test_variants_are_the_published_shapes(variant):
     assert list_variants("smolvlm") == ["256m", "500m", "2.2b"]
-    derived = build_smolvlm_params(Idefics3Config(**SMOLVLM_256M_CONFIG))
-    registered = get_model("smolvlm", "256m", device_type="meta").config
+    derived = build_smolvlm_params(Idefics3Config(**PUBLISHED_CONFIGS[variant]))
+    registered = get_model("smolvlm", variant, device_type="meta").config
     for key, value in derived.items():
         expected = value.as_dict() if hasattr(value, "as_dict") else value
         actual = getattr(registered, key)
         assert (actual.as_dict() if hasattr(actual, "as_dict") else actual) == expected, key
+    assert registered.image_seq_len == {"256m": 64, "500m": 64, "2.2b": 81}[variant]
 
 
 def test_real_256m_shapes_run_and_count_like_hf():
