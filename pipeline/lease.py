@@ -3,13 +3,21 @@
 Scheduled runs (a RayCronJob, a CronJob, a user's on-demand RayJob) overlap when one runs long; two runs
 committing into one output would race on its shards and checkpoints. So a run first takes the output's lease:
 
-    OUTPUT/_lease/<generation>.json   # owner, host, pid, acquired_at, heartbeat_at, expires_at, released
+    OUTPUT/_lease/<generation>.json   # owner, host, pid, pid_space, start_ticks, acquired_at, heartbeat_at,
+                                      # expires_at, released
 
 The newest generation is the lease. A run takes it by creating generation N+1 *exclusively* once generation N
-is released or expired (generation 0 when there is none). Of all the runs racing for N+1 exactly one creates
-it, so taking a free lease and taking over a crashed run's expired one are the same atomic step, with no
-delete-then-create window. The holder rewrites its own generation every ``heartbeat_s``; a crashed run stops
-doing so and its lease expires ``ttl_s`` after its last heartbeat.
+is released, expired or held by a crashed process of this host (generation 0 when there is none). Of all the
+runs racing for N+1 exactly one creates it, so taking a free lease and taking over a crashed run's one are the
+same atomic step, with no delete-then-create window. The holder rewrites its own generation every
+``heartbeat_s``; a crashed run stops doing so and its lease expires ``ttl_s`` after its last heartbeat.
+
+A crash on this host need not wait for that. The record names the holder's process exactly: its pid, the pid
+space that pid belongs to (the kernel boot and the pid and time namespaces) and its start time. A run in the
+same pid space under the same hostname sees whether that process still runs; once its pid has exited, or
+belongs to another process (a reused pid starts at another time), the lease is taken over at once. A holder
+anywhere else (another host, pod or container) and a record without a start time (written off Linux, or by a
+version before start times were recorded) keep the lease until it expires.
 
 Expiry compares the holder's wall clock (``expires_at``) with the reader's: keep ``ttl_s`` well above the
 clock skew between machines (NTP keeps it under a second; the default ttl is minutes).
@@ -25,6 +33,7 @@ import uuid
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -74,6 +83,66 @@ def _timestamp(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
+def _pid_space() -> dict | None:
+    """Where a pid names one process for this process: the kernel boot, and its pid and time namespaces.
+
+    Every boot restarts pids, start ticks and namespace numbers; two containers on one machine can share a
+    hostname but not a pid namespace; /proc gives start times in the reader's time namespace. (A namespace number
+    is reused only once every process of the old namespace is gone, and the new ones start later.) None where
+    this process cannot judge pids through /proc: no /proc (not Linux), or a /proc of another pid namespace than
+    its own (then /proc/self is not its pid).
+    """
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
+        return {
+            "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "pid_namespace": os.readlink("/proc/self/ns/pid"),
+            "time_namespace": _time_namespace(),
+        }
+    except OSError:
+        return None
+
+
+def _time_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/time")
+    except FileNotFoundError:  # Linux before 5.6 has no time namespaces: one clock for every process
+        return None
+
+
+def _process_stat(pid: int) -> tuple[str, int] | None:
+    """The state letter of ``pid`` and its start time in clock ticks since boot (fields 3 and 22 of
+    /proc/PID/stat), or None where /proc shows no such pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # field 2, the command name, is in parentheses and may itself hold spaces and parentheses
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+def _process_gone(pid: int, start_ticks: int) -> str | None:
+    """Why the process ``pid`` of this pid space that started at ``start_ticks`` certainly runs no more, or None
+    while it may."""
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it asks whether the pid exists, which /proc may hide
+    except ProcessLookupError:
+        return "has exited"
+    except PermissionError:
+        pass  # another user's process: it exists
+    stat = _process_stat(pid)
+    if stat is None:
+        return None  # /proc hides other users' processes (hidepid), or it exited just now: the ttl decides
+    state, started = stat
+    if state == "Z":
+        return "has exited"  # killed, but not yet reaped by its parent
+    if started != start_ticks:
+        return "now belongs to another process"
+    return None
+
+
 @dataclass(frozen=True)
 class Holder:
     """The newest lease record of an output."""
@@ -82,7 +151,24 @@ class Holder:
     record: dict
 
     def live(self, now: float) -> bool:
-        return not self.record["released"] and now < _timestamp(self.record["expires_at"])
+        """Whether the lease keeps other runs out: not ended, and its holder not known to have crashed."""
+        return not self.ended(now) and self.crash() is None
+
+    def ended(self, now: float) -> bool:
+        """Released, or expired: not renewed for ``ttl_s``."""
+        return self.record["released"] or now >= _timestamp(self.record["expires_at"])
+
+    def crash(self) -> str | None:
+        """Why the holder's process certainly runs no more, or None while it may: then only expiry ends its lease.
+
+        Only a process in this process's pid space, under its hostname, is judged.
+        """
+        r = self.record
+        space = r.get("pid_space")  # absent from the records of versions before start times were recorded
+        if space is None or r["host"] != socket.gethostname() or space != _pid_space():
+            return None
+        gone = _process_gone(r["pid"], r["start_ticks"])
+        return None if gone is None else f"pid {r['pid']} {gone}"
 
     def __str__(self) -> str:
         r = self.record
@@ -110,6 +196,8 @@ class OutputLease:
         self.owner = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.pid_space = _pid_space()
+        self.start_ticks = None if self.pid_space is None else _process_stat(self.pid)[1]
         self.generation: int | None = None
         self._acquired_at = 0.0
         self._expires_at = 0.0
@@ -119,14 +207,17 @@ class OutputLease:
 
     def acquire(self, wait_s: float = 0.0) -> "OutputLease":
         """Take the lease; while another live run holds it, retry for up to ``wait_s`` seconds, then raise
-        LeaseHeldError naming the holder."""
+        LeaseHeldError naming the holder. A lease whose holder crashed on this host is taken over at once."""
         deadline = time.monotonic() + wait_s
         waiting = False
         while True:
             holder = self.holder()
-            if holder is None or not holder.live(time.time()):
-                generation = 0 if holder is None else holder.generation + 1
-                if self._take(generation):
+            free = holder is None or holder.ended(time.time())
+            crash = None if free else holder.crash()
+            if free or crash:
+                if self._take(0 if holder is None else holder.generation + 1):
+                    if crash:
+                        logger.warning("took over the lease on %s from a crashed run (%s): %s", self.url, crash, holder)
                     return self
                 continue  # another run created this generation first: read what it wrote
             remaining = deadline - time.monotonic()
@@ -185,6 +276,8 @@ class OutputLease:
             "owner": self.owner,
             "host": self.host,
             "pid": self.pid,
+            "pid_space": self.pid_space,
+            "start_ticks": self.start_ticks,
             "acquired_at": _iso(self._acquired_at),
             "heartbeat_at": _iso(now),
             "expires_at": _iso(now if released else now + self.ttl_s),

@@ -169,16 +169,37 @@ def parse_job_command(command: list[str]):
     return caption_cli.build_parser().parse_args(command[2:])
 
 
-def test_every_run_is_the_entrypoint_and_its_flags_exist(values, manifests):
+def test_every_run_is_the_entrypoint_waiting_out_a_crashed_runs_lease(values, manifests):
     entrypoint = shlex.split(values["entrypoint"])
     args = parse_job_command(entrypoint)
     assert args.input.startswith("s3://") and args.output.startswith("s3://")
 
-    assert shlex.split(manifests["rayjob.yaml"]["spec"]["entrypoint"]) == entrypoint
-    assert shlex.split(manifests["raycronjob.yaml"]["spec"]["jobTemplate"]["entrypoint"]) == entrypoint
+    run = shlex.split(manifests["rayjob.yaml"]["spec"]["entrypoint"])
+    assert run[: len(entrypoint)] == entrypoint
+    waiting = parse_job_command(run)
+    assert vars(waiting) == {**vars(args), "wait_for_lease": waiting.wait_for_lease}  # only the wait is added
+    # a retry runs in a new pod: it must outwait a crashed run's lease (ttl after its last heartbeat), and no more
+    assert args.lease_ttl < waiting.wait_for_lease <= args.lease_ttl + 60
+
+    assert shlex.split(manifests["raycronjob.yaml"]["spec"]["jobTemplate"]["entrypoint"]) == run
     submit = pod_specs(manifests["cronjob.yaml"])[0]["containers"][0]["command"]
     head_service = f"http://{manifests['raycluster.yaml']['metadata']['name']}-head-svc:8265"
-    assert submit == ["ray", "job", "submit", "--address", head_service, "--working-dir", ".", "--", *entrypoint]
+    assert submit == ["ray", "job", "submit", "--address", head_service, "--working-dir", ".", "--", *run]
+
+
+@pytest.mark.parametrize(
+    "entrypoint, error",
+    [
+        ("python jobs/caption_dataset.py --input s3://a/ --output s3://b/ --wait-for-lease 60", "leave out --wait-for-lease"),
+        ("python jobs/caption_dataset.py --input s3://a/ --output s3://b/ --wait-for 60", "leave out --wait-for-lease"),
+        ("python -u jobs/caption_dataset.py --input s3://a/ --output s3://b/", "entrypoint must start with"),
+    ],
+)
+def test_an_entrypoint_the_wait_cannot_be_derived_for_is_refused(entrypoint, error):
+    values = render.load_values([])
+    values["entrypoint"] = entrypoint
+    with pytest.raises(ValueError, match=error):
+        render.render(values)
 
 
 def test_one_cluster_shape_for_rayjob_raycronjob_and_raycluster(manifests):

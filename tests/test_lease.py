@@ -1,5 +1,6 @@
-"""The output lease with real processes: of two racing runs exactly one proceeds, a crashed run's lease expires
-and is taken over, a waiting run gets a released lease, a live holder's heartbeat keeps its lease.
+"""The output lease with real processes: of two racing runs exactly one proceeds, a run that crashed on this host
+is taken over at once, a crashed run's lease elsewhere expires and is taken over, a waiting run gets a released
+lease, a live holder's heartbeat keeps its lease.
 
 Every scenario runs on local disk and on S3 (moto's S3 app served on 127.0.0.1). The processes synchronise
 through barriers, events and queues, never through sleeps.
@@ -8,10 +9,15 @@ through barriers, events and queues, never through sleeps.
 import json
 import logging
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import boto3
 import pytest
@@ -19,10 +25,10 @@ import pytest
 from pipeline.lease import LEASE_DIR, LeaseHeldError, OutputLease, create_exclusive
 from pipeline.storage import join, resolve
 
-# Generous: a live holder must not expire while the test machine is busy. The tests that wait for an expiry
-# use SHORT instead.
+ROOT = Path(__file__).resolve().parents[1]
+# Generous: a live holder must not expire while the test machine is busy. The test that waits for an expiry
+# writes a record that expires in a second instead.
 LONG = dict(ttl_s=10.0, heartbeat_s=1.0)
-SHORT = dict(ttl_s=1.5, heartbeat_s=0.25)
 # the heartbeat test needs a ttl to outlive, with room for a late heartbeat on a busy machine (8 beats per ttl)
 BEATING = dict(ttl_s=4.0, heartbeat_s=0.5)
 TIMEOUT = 60.0  # bounds every wait, so a hung child fails its test instead of hanging the suite
@@ -79,20 +85,40 @@ def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
 
 
-def write_foreign_record(output, generation: int, expires_in_s: float) -> None:
-    """The lease record another run (elsewhere, pid 4242) left: expired if ``expires_in_s`` < 0."""
-    fs, root = resolve(*output)
+def record_of(expires_in_s: float, **holder) -> dict:
+    """The lease record another run left, by default pid 4242 on another host; ``holder`` overrides its host,
+    pid, pid_space and start_ticks. Expired if ``expires_in_s`` < 0."""
     now = time.time()
-    record = {
+    return {
         "owner": "other-run",
         "host": "elsewhere",
         "pid": 4242,
+        "pid_space": {"boot_id": "another-boot", "pid_namespace": "pid:[1]", "time_namespace": None},
+        "start_ticks": 1,
         "acquired_at": iso(now - 3600),
         "heartbeat_at": iso(now - 60),
         "expires_at": iso(now + expires_in_s),
         "released": False,
+        **holder,
     }
+
+
+def write_record(output, generation: int, record: dict) -> None:
+    fs, root = resolve(*output)
     create_exclusive(fs, join(root, LEASE_DIR, f"{generation:08d}.json"), json.dumps(record).encode())
+
+
+def this_host(output, pid: int) -> dict:
+    """Holder fields naming ``pid`` on this host, in this process's pid space, started when this process did."""
+    here = lease_for(output)
+    return dict(host=here.host, pid=pid, pid_space=dict(here.pid_space), start_ticks=here.start_ticks)
+
+
+def exited_pid() -> int:
+    """The pid of a process of this host that has exited and been reaped."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 # --- the runs, each in its own process -------------------------------------------------------------------------
@@ -113,7 +139,7 @@ def race(output, start, results, release):
 
 
 def hold_until_killed(output, held):
-    lease = lease_for(output, SHORT).acquire()
+    lease = lease_for(output).acquire()
     held.put(lease.owner)
     threading.Event().wait()  # until SIGKILL: no release, no more heartbeats
 
@@ -142,11 +168,13 @@ def wait_for_lease(output, waiting, results):
 # --- the tests -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("previous", ["none", "expired"])
+@pytest.mark.parametrize("previous", ["none", "expired", "crashed here"])
 def test_of_two_racing_runs_exactly_one_proceeds(output, previous):
     """On a new output, and on one whose last run crashed: the takeover is as atomic as the first take."""
     if previous == "expired":
-        write_foreign_record(output, 0, expires_in_s=-60)
+        write_record(output, 0, record_of(expires_in_s=-60))
+    if previous == "crashed here":
+        write_record(output, 0, record_of(expires_in_s=3600, **this_host(output, exited_pid())))
     start, results, release = spawn.Barrier(3), spawn.Queue(), spawn.Event()
     runs = [spawn.Process(target=race, args=(output, start, results, release)) for _ in range(2)]
     for run in runs:
@@ -167,32 +195,110 @@ def test_of_two_racing_runs_exactly_one_proceeds(output, previous):
 
 
 def test_a_live_lease_refuses_and_names_its_holder(output):
-    write_foreign_record(output, 0, expires_in_s=3600)
+    write_record(output, 0, record_of(expires_in_s=3600))
     with pytest.raises(LeaseHeldError, match=r"in use by another run: owner other-run on host elsewhere \(pid 4242\)") as refused:
         lease_for(output).acquire()
     assert refused.value.holder.generation == 0
 
 
 def test_an_expired_lease_is_taken_over(output):
-    write_foreign_record(output, 0, expires_in_s=-1)
+    write_record(output, 0, record_of(expires_in_s=-1))
     with lease_for(output).acquire() as lease:
         assert lease.holder().generation == 1 and lease.holder().record["owner"] == lease.owner
     assert lease.holder().record["released"]
 
 
-def test_a_crashed_runs_lease_expires(output):
+def test_a_run_on_this_host_keeps_its_lease_while_it_runs_and_loses_it_at_once_when_killed(output, caplog):
     held = spawn.Queue()
-    crashed = spawn.Process(target=hold_until_killed, args=(output, held))
-    crashed.start()
-    crashed_owner = held.get(timeout=TIMEOUT)
-    crashed.kill()
-    crashed.join(TIMEOUT)
+    holder = spawn.Process(target=hold_until_killed, args=(output, held))
+    holder.start()
+    holder_owner = held.get(timeout=TIMEOUT)
+    with pytest.raises(LeaseHeldError, match=rf"in use by another run: owner {holder_owner} on host .* \(pid {holder.pid}\)"):
+        lease_for(output).acquire()
+    holder.kill()
+    holder.join(TIMEOUT)
+    assert holder.exitcode == -signal.SIGKILL
 
-    with lease_for(output).acquire(wait_s=TIMEOUT) as lease:
-        assert lease.generation == 1
+    with caplog.at_level(logging.WARNING, logger="pipeline.lease"):
+        with lease_for(output).acquire() as lease:  # no wait: long before the killed run's lease would expire
+            assert lease.generation == 1
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert f"from a crashed run (pid {holder.pid} has exited): owner {holder_owner} on host" in warning
     fs, root = resolve(*output)
     crashed_record = json.loads(fs.cat_file(join(root, LEASE_DIR, "00000000.json")))
-    assert crashed_record["owner"] == crashed_owner and not crashed_record["released"]
+    assert crashed_record["owner"] == holder_owner and not crashed_record["released"]
+
+
+# a run as a plain child process of the test, which reaps it only when the test says so
+HOLD_IN_A_CHILD = """
+import json, sys
+from pipeline.lease import OutputLease
+from pipeline.storage import resolve
+fs, root = resolve(sys.argv[1], json.loads(sys.argv[2]))
+print(OutputLease(fs, root, ttl_s=10.0, heartbeat_s=1.0).acquire().owner, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_run_not_yet_reaped_is_taken_over_at_once(output):
+    """A zombie: its pid exists until its parent collects its exit status, but it runs no more."""
+    url, storage_options = output
+    command = [sys.executable, "-c", HOLD_IN_A_CHILD, url, json.dumps(storage_options)]
+    holder = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        holder_owner = holder.stdout.readline().strip()
+        assert holder_owner, "the child never took the lease"
+        holder.kill()
+        os.waitid(os.P_PID, holder.pid, os.WEXITED | os.WNOWAIT)  # until it has exited, left unreaped
+        with lease_for(output).acquire() as lease:
+            assert lease.generation == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    fs, root = resolve(*output)
+    assert json.loads(fs.cat_file(join(root, LEASE_DIR, "00000000.json")))["owner"] == holder_owner
+
+
+def test_a_reused_pid_is_taken_over_at_once(output, caplog):
+    """The record names a running pid of this host (this test's), but one that started at another time."""
+    reused = this_host(output, os.getpid())
+    reused["start_ticks"] -= 1
+    write_record(output, 0, record_of(expires_in_s=3600, **reused))
+    with caplog.at_level(logging.WARNING, logger="pipeline.lease"):
+        with lease_for(output).acquire() as lease:
+            assert lease.generation == 1
+    assert f"from a crashed run (pid {os.getpid()} now belongs to another process): owner other-run" in caplog.text
+
+
+OUTSIDE_THIS_PID_SPACE = {  # a holder's record as another host, boot or container writes it
+    "another host": lambda record: record.update(host="elsewhere"),
+    "another boot": lambda record: record["pid_space"].update(boot_id="another-boot"),
+    "another pid namespace": lambda record: record["pid_space"].update(pid_namespace="pid:[1]"),
+    "another time namespace": lambda record: record["pid_space"].update(time_namespace="time:[1]"),
+    "a host without /proc": lambda record: record.update(pid_space=None, start_ticks=None),
+    "an older version": lambda record: (record.pop("pid_space"), record.pop("start_ticks")),
+}
+
+
+@pytest.mark.parametrize("writer", OUTSIDE_THIS_PID_SPACE)
+def test_a_live_lease_from_outside_this_pid_space_is_respected(output, writer):
+    """Its pid has exited here, but names another process there (or was recorded without its start time)."""
+    record = record_of(expires_in_s=3600, **this_host(output, exited_pid()))
+    OUTSIDE_THIS_PID_SPACE[writer](record)
+    write_record(output, 0, record)
+    with pytest.raises(LeaseHeldError) as refused:
+        lease_for(output).acquire()
+    message = str(refused.value)
+    assert f"in use by another run: owner other-run on host {record['host']} (pid {record['pid']})" in message
+    assert "\n" not in message
+
+
+def test_a_crashed_run_elsewhere_is_waited_for_until_its_lease_expires(output):
+    crashed = record_of(expires_in_s=1.0)
+    write_record(output, 0, crashed)
+    with lease_for(output).acquire(wait_s=TIMEOUT) as lease:
+        assert lease.generation == 1
+        assert time.time() >= datetime.fromisoformat(crashed["expires_at"]).timestamp()
 
 
 def test_a_waiting_run_gets_the_lease_when_it_is_released(output):

@@ -10,9 +10,15 @@ writes
 
 Settings live in values.yaml beside this script; each --values file overrides it key by key. The Ray head and
 GPU worker groups are built once here and shared by the RayJob, the RayCronJob and the RayCluster.
+
+Every run is the entrypoint plus `--wait-for-lease`, just above the entrypoint's `--lease-ttl`: a retry runs in a
+new pod, where a crashed run's hold on the output ends only when its lease expires, so it waits for that instead
+of refusing.
 """
 
 import argparse
+import math
+import runpy
 import shlex
 import sys
 from pathlib import Path
@@ -20,6 +26,11 @@ from pathlib import Path
 import yaml
 
 DEFAULTS = Path(__file__).resolve().parent / "values.yaml"
+JOB_SCRIPT = "jobs/caption_dataset.py"
+PROJECT = Path(__file__).resolve().parents[2]
+# a crashed run's lease expires --lease-ttl after its last heartbeat, which came before the retry started; the
+# margin covers clock skew between nodes and a slow store
+LEASE_WAIT_MARGIN_S = 30
 APP_DIR = "/home/ray/app"  # where infra/docker/Dockerfile puts the project, jobs/ included
 RAY_USER, RAY_GROUP = 1000, 100  # user `ray` and group `users` of the rayproject/ray images
 DASHBOARD_PORT = 8265
@@ -88,7 +99,7 @@ def submit_cron_job(values: dict) -> dict:
         "--address", f"http://{cluster_name(values)}-head-svc:{DASHBOARD_PORT}",  # KubeRay's head Service
         "--working-dir", ".",
         "--",
-        *shlex.split(values["entrypoint"]),
+        *job_command(values),
     ]
     # `ray job submit` streams the run's logs and exits non-zero if it fails, so the Job's status is the run's
     container = {
@@ -127,7 +138,7 @@ def ray_job_spec(values: dict) -> dict:
     # KubeRay that predates secretName generates a Secret of its own instead, which works the same.)
     cluster["authOptions"] = {"mode": "token", "secretName": values["rayAuthSecret"]}
     return {
-        "entrypoint": values["entrypoint"],
+        "entrypoint": shlex.join(job_command(values)),
         # the entrypoint's paths are relative to the project, as with `ray job submit --working-dir .`
         "runtimeEnvYAML": f"working_dir: {APP_DIR}",
         "shutdownAfterJobFinishes": True,
@@ -135,6 +146,19 @@ def ray_job_spec(values: dict) -> dict:
         "activeDeadlineSeconds": values["job"]["activeDeadlineSeconds"],
         "rayClusterSpec": cluster,
     }
+
+
+def job_command(values: dict) -> list[str]:
+    """The entrypoint, waiting for the output's lease a little longer than its ttl."""
+    command = shlex.split(values["entrypoint"])
+    if command[:2] != ["python", JOB_SCRIPT]:
+        raise ValueError(f"entrypoint must start with `python {JOB_SCRIPT}`, got {values['entrypoint']!r}")
+    parser = runpy.run_path(str(PROJECT / JOB_SCRIPT))["build_parser"]()
+    parser.set_defaults(wait_for_lease=None)  # tells a --wait-for-lease in the entrypoint from the default
+    job = parser.parse_args(command[2:])  # the job's own parser: a bad flag fails here, not in the cluster
+    if job.wait_for_lease is not None:
+        raise ValueError("entrypoint: leave out --wait-for-lease; render.py sets it just above --lease-ttl")
+    return [*command, "--wait-for-lease", str(math.ceil(job.lease_ttl) + LEASE_WAIT_MARGIN_S)]
 
 
 def ray_cluster_spec(values: dict, extra_env: list[dict]) -> dict:
@@ -247,11 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        values = load_values(args.values)
+        manifests = render(load_values(args.values))
     except ValueError as error:
         parser.error(str(error))
     args.out.mkdir(parents=True, exist_ok=True)
-    for filename, manifest in render(values).items():
+    for filename, manifest in manifests.items():
         # wide lines: the entrypoint stays on one line, greppable and as README.md shows it
         (args.out / filename).write_text(yaml.dump(manifest, Dumper=ExplicitDumper, sort_keys=False, width=10_000))
         print(args.out / filename)
