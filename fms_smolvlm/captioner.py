@@ -3,13 +3,13 @@
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 import fms.models
 from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint, stop_token_ids
-from fms_smolvlm.generation import GenerationEngine, Request, SamplingParams
+from fms_smolvlm.generation import Generation, GenerationEngine, Request, SamplingParams
 from fms_smolvlm.processing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ProcessedSample, SmolVLMPreprocessor
 from fms_smolvlm.smolvlm import SmolVLM
 
@@ -120,50 +120,52 @@ class Captioner:
         self,
         images: Sequence[Optional[ImageInput]],
         prompt: str = DEFAULT_PROMPT,
-        max_new_tokens: int = 64,
+        max_new_tokens: Union[int, Sequence[int]] = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
         seed: Optional[int] = None,
+        ignore_eos: bool = False,
     ) -> list[CaptionResult]:
         """One result per image, in order. ``images``: PIL images or encoded bytes (None: text-only prompt).
-        Sampling: image ``i`` draws with seed ``seed + i`` (a fresh random ``seed`` when None), reproducible
-        whatever the batching."""
+        ``max_new_tokens``: one limit for all, or one per image. Sampling: image ``i`` draws with seed ``seed + i``
+        (a fresh random ``seed`` when None), reproducible whatever the batching. ``ignore_eos``: generate exactly
+        ``max_new_tokens`` (for benchmarks)."""
         samples = self.preprocess(images, prompt)
         base = secrets.randbits(62) if seed is None else seed
-        seeds = [base + i for i in range(len(samples))]
-        return self.generate_processed(samples, seeds, max_new_tokens, do_sample, temperature, top_p, top_k)
+        limits = [max_new_tokens] * len(samples) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(samples):
+            raise ValueError(f"max_new_tokens has {len(limits)} limits for {len(samples)} images")
+        params = [SamplingParams(limit, do_sample, temperature, top_p, top_k, ignore_eos) for limit in limits]
+        return self.generate_processed(samples, [base + i for i in range(len(samples))], params)
 
     def generate_processed(
-        self,
-        samples: Sequence[ProcessedSample],
-        seeds: Sequence[int],
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        self, samples: Sequence[ProcessedSample], seeds: Sequence[int], params: Sequence[SamplingParams]
     ) -> list[CaptionResult]:
         """Generate for already preprocessed samples (the pipeline preprocesses on CPU workers)."""
-        params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k)
-        usable = [i for i, sample in enumerate(samples) if sample.error is None]
-        requests = [Request(samples[i].input_ids, samples[i].tiles, seed=seeds[i]) for i in usable]
-        generations = dict(zip(usable, self.engine.generate(requests, params)))
-        image_token_id = self.preprocessor.image_token_id
-        results = []
-        for i, sample in enumerate(samples):
-            if sample.error is not None:
-                results.append(CaptionResult(None, [], None, 0, 0, error=sample.error))
-                continue
-            generation = generations[i]
-            results.append(
-                CaptionResult(
-                    text=self.preprocessor.tokenizer.decode(generation.token_ids, skip_special_tokens=True),
-                    token_ids=generation.token_ids,
-                    finish_reason=generation.finish_reason,
-                    num_image_tokens=int((sample.input_ids == image_token_id).sum()),
-                    num_generated_tokens=len(generation.token_ids),
-                )
-            )
-        return results
+        requests = self.requests(samples, seeds, params)
+        generations = iter(self.engine.generate([r for r in requests if r is not None]))
+        return [self.result(sample, None if r is None else next(generations)[0]) for sample, r in zip(samples, requests)]
+
+    @staticmethod
+    def requests(
+        samples: Sequence[ProcessedSample], seeds: Sequence[int], params: Sequence[SamplingParams]
+    ) -> list[Optional[Request]]:
+        """The engine's request for each sample; None for a sample whose image could not be used."""
+        return [
+            None if sample.error is not None else Request(sample.input_ids, sample.tiles, p, seed)
+            for sample, seed, p in zip(samples, seeds, params)
+        ]
+
+    def result(self, sample: ProcessedSample, generation: Optional[Generation]) -> CaptionResult:
+        """A sample's caption from its generation (None: the sample's error)."""
+        if sample.error is not None:
+            return CaptionResult(None, [], None, 0, 0, error=sample.error)
+        return CaptionResult(
+            text=self.preprocessor.tokenizer.decode(generation.token_ids, skip_special_tokens=True),
+            token_ids=generation.token_ids,
+            finish_reason=generation.finish_reason,
+            num_image_tokens=int((sample.input_ids == self.preprocessor.image_token_id).sum()),
+            num_generated_tokens=len(generation.token_ids),
+        )

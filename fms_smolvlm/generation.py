@@ -1,25 +1,30 @@
-"""Batched generation for SmolVLM: one vision pass per batch, a static KV cache, a compacting decode loop.
+"""Continuous batching for SmolVLM: slots that take requests as they come, one static KV cache, compiled steps.
 
 The hot path, in the spirit of gpt-fast:
 
-* ``prefill``: the vision tower runs once on every real tile of the batch (flattened, no per-image
-  padding); its features replace the ``<image>`` embeddings of the left-padded prompts; the text
-  layers write the prompt's keys/values into a preallocated cache and return the last logits.
-* ``decode_one_token``: one token per row against the whole cache, masks and positions as tensors,
-  so every step of a batch has the same shapes.
-* rows stop on a stop id or their own ``max_new_tokens``; every few steps the live rows are compacted
-  into a smaller batch bucket, so short captions do not keep paying for the longest one.
+* ``extend``: new tokens for some slots, written into those slots' cache rows at their positions, attending to
+  everything their slot holds up to them: a prompt (the vision tower's features in place of its ``<image>``
+  tokens), a long prompt's next chunk, or the prompts that continue a prefix they share.
+* ``decode_step``: one token for every slot of ``[0, rows)``; positions and masks come from per-slot lengths on
+  the device and the next token is chosen in the same graph, so the shapes are static (CUDA graphs on a GPU).
+* the scheduler (:meth:`GenerationEngine.step`): every ``sync_every`` decode steps the host reads the new tokens
+  once, hands back finished sequences and fills the freed slots with waiting work (vision once per image,
+  prompts in bounded chunks so the decoding slots never stall for long). A short caption frees its slot at
+  once instead of waiting for the longest one.
 
-Compiled, the vision tower and the prefill are one graph each with dynamic shapes (tile counts and
-prompt lengths vary from batch to batch); the decode step has static shapes for CUDA graphs: batch
-sizes and cache lengths are rounded up to a few buckets, each (batch, length) shape with its own cache
-arena, allocated once and reused, so a long run compiles a bounded number of graphs. The KV cache is
-plugged into FMS's attention through its attention-op registry.
+Every slot owns a cache row: its sequence starts at position 0, so a token's RoPE position is its cache index,
+whatever the slot, its neighbours or their arrival order. A slot that is not decoding writes its (ignored) step
+into the row's last position, which no sequence uses. Compiled, the decode step is one graph per
+(rows, attended length) bucket, the extend and vision steps one graph each with dynamic shapes.
 """
 
 import math
-from collections import OrderedDict
-from dataclasses import dataclass
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -27,19 +32,12 @@ import torch
 import torch.nn.functional as F
 from fms.modules.attention import register_attention_op
 
-from fms_smolvlm.smolvlm import SmolVLM, attention_mask_3d
+from fms_smolvlm.smolvlm import SmolVLM
 
-ATTN_NAME = "smolvlm_static_cache"
-# cache lengths: powers of two with a 1.5x step in between, so at most a third of a cache is unused
-LENGTH_BUCKETS = tuple(sorted({b for k in range(5, 16) for b in (2**k, 3 * 2 ** (k - 1))}))
-PROMPT_ALIGN = 8  # prompts are left-padded to a multiple of this; the prefill compiles with a dynamic length
-SYNC_EVERY = 4  # decode steps between host checks for finished rows
-
-
-def default_cache_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(0.4 * torch.cuda.get_device_properties(device).total_memory)
-    return 4 * 2**30
+ATTN_NAME = "smolvlm_slots"
+# cache lengths: powers of two with a 1.5x step in between, so at most a third of what is attended is unused
+LENGTH_BUCKETS = tuple(sorted({b for k in range(5, 17) for b in (2**k, 3 * 2 ** (k - 1))}))
+PAD_MULTIPLE = 8  # extend batches are right-padded to a multiple of this
 
 
 def round_up(n: int, buckets: Sequence[int]) -> int:
@@ -54,23 +52,34 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(powers + [max_batch_size])
 
 
+def default_cache_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(0.4 * torch.cuda.get_device_properties(device).total_memory)
+    return 4 * 2**30
+
+
 # ---------------------------------------------------------------------------------------------
-# The static cache as an FMS attention op
+# The slot cache as an FMS attention op
 
 
-def _static_cache_store(keys, values, key_cache, value_cache, **attn_kwargs):
-    """Write this step's keys/values at ``cache_position``; prefill attends to its own fresh keys only."""
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (batch, kv_heads, q_len, head_dim)
-    position = attn_kwargs["cache_position"]
-    key_cache.index_copy_(2, position, keys)
-    value_cache.index_copy_(2, position, values)
-    if attn_kwargs["prefill"]:
-        return keys, values, key_cache, value_cache
-    return key_cache, value_cache, key_cache, value_cache
+def _slot_cache_store(keys, values, key_cache, value_cache, **attn_kwargs):
+    """Write each row's new keys/values into its slot at its positions; return the keys its queries attend to:
+    ``fresh`` (a prompt from position 0: its own keys), ``leading`` (the decode step over slots ``[0, rows)``: the
+    cache itself) or ``rows`` (slots continuing a sequence: their cache rows, gathered)."""
+    slots, positions = attn_kwargs["slots"], attn_kwargs["write_positions"]
+    key_cache[slots[:, None], :, positions] = keys  # keys: (rows, q_len, kv_heads, head_dim)
+    value_cache[slots[:, None], :, positions] = values
+    attend, length = attn_kwargs["attend"], attn_kwargs["attend_len"]
+    if attend == "fresh":
+        return keys.transpose(1, 2), values.transpose(1, 2), key_cache, value_cache
+    if attend == "leading":
+        rows = keys.shape[0]
+        return key_cache[:rows, :, :length], value_cache[:rows, :, :length], key_cache, value_cache
+    return key_cache[slots, :, :length], value_cache[slots, :, :length], key_cache, value_cache
 
 
 def _grouped_attention(query, keys, values, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
-    """SDPA with the boolean ``mask`` (batch, q_len, kv_len); grouped-query heads share K/V without copying them."""
+    """SDPA with the boolean ``mask`` (rows, q_len, kv_len); grouped-query heads share K/V without copying them."""
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2),
         keys,
@@ -82,64 +91,95 @@ def _grouped_attention(query, keys, values, nheads, kvheads, p_dropout, scale_fa
     return out.transpose(1, 2).contiguous()
 
 
-register_attention_op(ATTN_NAME, _static_cache_store, _grouped_attention)
+register_attention_op(ATTN_NAME, _slot_cache_store, _grouped_attention)
 
 
-class CacheArena:
-    """Per-layer K/V tensors for one ``(batch, length)`` shape, allocated once and reused by every batch of that shape."""
+class SlotCache:
+    """Per-layer K/V of shape ``(slots, kv_heads, length, head_dim)``; position ``length - 1`` is every slot's
+    scratch: steps of slots that are not decoding, and the padding of extend batches, write there."""
 
-    def __init__(self, model: SmolVLM, batch: int, length: int):
-        weight = model.language_model.base_model.embedding.weight
-        shape = self.layer_shape(model, batch, length)
-        self.layers = [(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in range(model.config.text_config.nlayers)]
+    def __init__(self, model: SmolVLM, slots: int, length: int):
+        text = model.config.text_config
+        self.shape = (slots, text.kvheads or text.nheads, length, text.emb_dim // text.nheads)
+        # zeros, not empty: masked keys get weight 0, and 0 * NaN would still be NaN
+        zeros = lambda: torch.zeros(self.shape, dtype=model.dtype, device=model.device)  # noqa: E731
+        self.layers = [(zeros(), zeros()) for _ in range(text.nlayers)]
         for key, value in self.layers:
             torch._dynamo.mark_static_address(key)  # lets CUDA graphs use the cache in place
             torch._dynamo.mark_static_address(value)
-        self.nbytes = self.bytes_for(model, batch, length)
+
+    @property
+    def length(self) -> int:
+        return self.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(key.nbytes + value.nbytes for key, value in self.layers)
 
     @staticmethod
-    def layer_shape(model: SmolVLM, batch: int, length: int) -> tuple[int, int, int, int]:
+    def bytes_for(model: SmolVLM, slots: int, length: int) -> int:
         text = model.config.text_config
-        return (batch, text.kvheads or text.nheads, length, text.emb_dim // text.nheads)
+        per_layer = slots * (text.kvheads or text.nheads) * length * (text.emb_dim // text.nheads)
+        return 2 * text.nlayers * per_layer * model.dtype.itemsize
 
-    @classmethod
-    def bytes_for(cls, model: SmolVLM, batch: int, length: int) -> int:
-        itemsize = model.language_model.base_model.embedding.weight.element_size()
-        return 2 * model.config.text_config.nlayers * math.prod(cls.layer_shape(model, batch, length)) * itemsize
+    def grown(self, model: SmolVLM, length: int) -> "SlotCache":
+        """A longer cache holding this one's contents."""
+        bigger = SlotCache(model, self.shape[0], length)
+        for (key, value), (new_key, new_value) in zip(self.layers, bigger.layers):
+            new_key[:, :, : self.length - 1] = key[:, :, : self.length - 1]
+            new_value[:, :, : self.length - 1] = value[:, :, : self.length - 1]
+        return bigger
 
-    def gather_rows_from(self, other: "CacheArena", rows: torch.Tensor) -> None:
-        for (k, v), (other_k, other_v) in zip(self.layers, other.layers):
-            torch.index_select(other_k, 0, rows, out=k)
-            torch.index_select(other_v, 0, rows, out=v)
+    def copy_prefix(self, source: int, targets: torch.Tensor, length: int) -> None:
+        """Slot ``source``'s first ``length`` positions into the slots ``targets`` (a shared prompt prefix)."""
+        for key, value in self.layers:
+            key[:, :, :length].index_copy_(0, targets, key[source, :, :length].expand(len(targets), -1, -1, -1))
+            value[:, :, :length].index_copy_(0, targets, value[source, :, :length].expand(len(targets), -1, -1, -1))
+
+    def move(self, source: int, target: int, length: int) -> None:
+        for key, value in self.layers:
+            key[target, :, :length] = key[source, :, :length]
+            value[target, :, :length] = value[source, :, :length]
 
 
-def prefill(model: SmolVLM, embeds, position_ids, mask, cache_position, cache_layers):
+def extend(model: SmolVLM, ids, features, positions, slots, attend: str, attend_len: int, last, cache_layers):
+    """Write ``ids`` (rows, n) at ``positions`` of ``slots`` and return the logits at each row's index ``last``."""
+    embeds = model.embed(ids, features)
+    keys = torch.arange(attend_len, device=ids.device)
+    mask = keys[None, None, :] <= positions[:, :, None]
     hidden, _ = model.decode(
         embeds,
-        position_ids,
+        positions,
         cache_layers,
         use_cache=True,
         attn_name=ATTN_NAME,
         mask=mask,
-        cache_position=cache_position,
-        prefill=True,
+        slots=slots,
+        write_positions=positions,
+        attend=attend,
+        attend_len=attend_len,
     )
-    return model.language_model.head(hidden[:, -1])
+    return model.language_model.head(hidden[torch.arange(ids.shape[0], device=ids.device), last])
 
 
-def decode_one_token(model: SmolVLM, tokens, position_ids, mask, cache_position, cache_layers):
-    embeds = model.language_model.base_model.embedding(tokens)
+def decode_step(model: SmolVLM, tokens, lengths, sampling: Optional["RowSampling"], attend_len: int, cache_layers):
+    """One token for each slot of ``[0, rows)``: the next tokens ``(rows,)``."""
+    rows = tokens.shape[0]
+    positions = lengths[:, None]
+    keys = torch.arange(attend_len, device=tokens.device)
     hidden, _ = model.decode(
-        embeds,
-        position_ids,
+        model.language_model.base_model.embedding(tokens[:, None]),
+        positions,
         cache_layers,
         use_cache=True,
         attn_name=ATTN_NAME,
-        mask=mask,
-        cache_position=cache_position,
-        prefill=False,
+        mask=keys[None, None, :] <= positions[:, :, None],
+        slots=torch.arange(rows, device=tokens.device),
+        write_positions=positions,
+        attend="leading",
+        attend_len=attend_len,
     )
-    return model.language_model.head(hidden[:, -1])
+    return choose_tokens(model.language_model.head(hidden[:, -1]), sampling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +193,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -163,6 +204,21 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class RowSampling:
+    """Per-row sampling settings as tensors ``(rows,)``: rows that do not sample take the argmax."""
+
+    do_sample: torch.Tensor
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    seeds: torch.Tensor
+    steps: torch.Tensor  # tokens each row has generated: the counter of its random stream
+
+    def rows(self, stop: int) -> "RowSampling":
+        return RowSampling(*(getattr(self, f)[:stop] for f in self.__dataclass_fields__))
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -176,42 +232,43 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
-    """Uniform (0, 1) noise ``(rows, vocab)`` from (row seed, step, token): a row's draws depend on its own
-    seed only, not on which batch or replica it runs in, so sampled captions are reproducible."""
+def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform (0, 1) noise ``(rows, vocab)`` from (row seed, row step, token): a row's draws depend on its own
+    seed only, not on which batch, slot or replica it runs in, so sampled captions are reproducible."""
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    x = _hash32(_hash32(_hash32(token[None, :] + step * 0x9E3779B9) ^ seeds[:, None]) + (seeds[:, None] >> 32))
+    x = _hash32(_hash32(_hash32(token[None, :] + steps[:, None] * 0x9E3779B9) ^ seeds[:, None]) + (seeds[:, None] >> 32))
     return (x.double() + 0.5) / 2.0**32
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, step: int) -> torch.Tensor:
-    if not params.do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # drop a token once the tokens ranked above it already cover top_p (the first always stays)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1).double()
-    # exponential race: argmax(p / E) with E ~ Exp(1) samples from p
-    exponential = -torch.log(counter_uniform(seeds, step, logits.shape[-1]))
-    return (probs / exponential).argmax(-1)
+def choose_tokens(logits: torch.Tensor, sampling: Optional[RowSampling]) -> torch.Tensor:
+    """Greedy argmax, or (rows with ``do_sample``) temperature, top-k, then top-p on what is left, drawn by an
+    exponential race (``argmax(p / E)``, ``E ~ Exp(1)``) with the rows' counter-based noise."""
+    greedy = logits.argmax(-1)
+    if sampling is None:
+        return greedy
+    s = sampling
+    sorted_logits, order = torch.sort(logits.float() / s.temperature[:, None], dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    sorted_logits = sorted_logits.masked_fill((s.top_k[:, None] > 0) & (rank[None, :] >= s.top_k[:, None]), -math.inf)
+    probs = sorted_logits.softmax(-1)
+    # drop a token once the tokens ranked above it already cover top_p (the first always stays)
+    probs = sorted_logits.masked_fill(probs.cumsum(-1) - probs >= s.top_p[:, None], -math.inf).softmax(-1).double()
+    noise = counter_uniform(s.seeds, s.steps, logits.shape[-1]).gather(1, order)  # each token's own draw
+    sampled = order.gather(1, (probs / -torch.log(noise)).argmax(-1, keepdim=True))[:, 0]
+    return torch.where(s.do_sample, sampled, greedy)
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine
+# Requests and results
 
 
 @dataclass
 class Request:
-    input_ids: np.ndarray  # int64 (seq,), image placeholders expanded
+    """One image (or none) and its prompt: ``input_ids`` with the image expanded to its tiles' tokens."""
+
+    input_ids: np.ndarray  # int64 (seq,)
     tiles: Optional[np.ndarray] = None  # uint8 (tiles, 3, M, M), in the order of the prompt's images
-    max_new_tokens: Optional[int] = None  # None: the batch's SamplingParams
+    params: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
 
 
@@ -222,18 +279,32 @@ class Generation:
 
 
 @dataclass
-class _Batch:
-    """Device state of the rows being decoded; row ``i`` serves request ``rows[i]`` (None: filler)."""
+class _Sequence:
+    """One prompt of a request, from its first cache write to its last token."""
 
-    rows: list
-    arena: CacheArena
-    prompt_len: int
-    positions: torch.Tensor  # (batch, 1) RoPE position of the token being fed
-    key_valid: torch.Tensor  # (batch, cache_len) bool: which cache slots each row may attend to
-    seeds: torch.Tensor  # (batch,) int64
-    limits: torch.Tensor  # (batch,) per-row max_new_tokens
-    generated: torch.Tensor  # (batch, max_new) int64
-    slots: torch.Tensor  # arange(cache_len) on the device
+    ticket: int
+    params: SamplingParams
+    seed: int
+    slot: int = -1
+    length: int = 0  # tokens in its cache row
+    generated: list = field(default_factory=list)
+
+
+@dataclass
+class _Fill:
+    """Tokens still to write into one slot's cache row before it can decode."""
+
+    sequence: _Sequence
+    ids: np.ndarray
+    tiles: Optional[np.ndarray]
+    features: Optional[torch.Tensor] = None  # the vision tower's output for the tiles, once it has run
+    written: int = 0
+
+
+@dataclass
+class _Ticket:
+    sequences: list
+    done: int = 0
 
 
 class GenerationEngine:
@@ -245,188 +316,436 @@ class GenerationEngine:
         max_batch_size: int = 32,
         compile: bool = False,
         cache_budget_bytes: Optional[int] = None,
+        sync_every: int = 4,
+        prefill_chunk: int = 2048,
+        max_prefill_tokens: int = 8192,
     ):
-        """``cache_budget_bytes``: KV cache arenas kept for reuse (least recently used ones are freed beyond it);
-        default: 40% of the GPU's memory, or 4 GiB on the CPU."""
+        """``max_batch_size`` slots decode together. Every ``sync_every`` decode steps the host looks at the new
+        tokens and fills freed slots; a prompt is written in chunks of at most ``prefill_chunk`` tokens and one
+        extend step writes at most ``max_prefill_tokens`` (padding included), so a decode step never waits long.
+        ``cache_budget_bytes``: the largest KV cache to allocate (default: 40% of the GPU's memory, 4 GiB on the CPU)."""
         self.model = model.eval()
-        self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.int64, device=self.device)
+        self.device = model.device
+        self.stop_ids = sorted(set(stop_ids))
         self.pad_id = pad_id
         self.max_batch_size = max_batch_size
         self.batch_buckets = batch_buckets(max_batch_size)
-        self._arenas: OrderedDict[tuple[int, int], CacheArena] = OrderedDict()
+        self.sync_every = sync_every
+        self.prefill_chunk = prefill_chunk
+        self.max_prefill_tokens = max(max_prefill_tokens, prefill_chunk)
         self.cache_budget_bytes = cache_budget_bytes or default_cache_budget(self.device)
-        self._vision = model.image_features
-        self._prefill = prefill
-        self._decode = decode_one_token
+        # positions RoPE has a table for; a sequence also needs a window's overshoot and the scratch position
+        self.rope_positions = model.config.text_config.max_expected_seq_len
+        self.max_positions = min(self.rope_positions, LENGTH_BUCKETS[-1]) - sync_every - 1
+        self.cache: Optional[SlotCache] = None
+        self._compiled = compile
+        self._vision, self._extend, self._decode = model.image_features, extend, decode_step
         if compile:
-            self._compile()
+            self._vision = torch.compile(model.image_features, dynamic=True)
+            self._extend = torch.compile(extend, dynamic=True)
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
+            self._decode = torch.compile(decode_step, dynamic=False, fullgraph=True, mode=mode)
+        self._waiting: deque = deque()  # fills not yet given a slot
+        self._filling: list = []  # fills holding a slot, part written
+        self._slots: list = [None] * max_batch_size  # slot -> its _Sequence
+        self._tickets: dict = {}
+        self._next_ticket = 0
+        self._state = _SlotState(max_batch_size, sync_every, self.device)
+        self._counts = {"decode_steps": 0, "extend_calls": 0, "vision_calls": 0, "requests": 0}
+        self._decode_shapes: set = set()
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.language_model.base_model.embedding.weight.device
+    # --- the public API ------------------------------------------------------------------------
 
-    def _compile(self):
-        # every bucketed shape is its own graph: allow all of them rather than silently falling back to eager
-        limit = len(self.batch_buckets) * len(LENGTH_BUCKETS)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        # tile counts and prompt lengths vary from batch to batch: one graph each, with dynamic shapes
-        self._vision = torch.compile(self.model.image_features, dynamic=True)
-        self._prefill = torch.compile(prefill, dynamic=True)
-        decode_mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
-        self._decode = torch.compile(decode_one_token, dynamic=False, fullgraph=True, mode=decode_mode)
+    def submit(self, request: Request) -> int:
+        """Queue a request; its ticket comes back from :meth:`step` with its generations. Raises ValueError (and
+        queues nothing) for a request that cannot fit the model."""
+        self._check_fits(request)
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        sequence = _Sequence(ticket, request.params, request.seed)
+        self._tickets[ticket] = _Ticket([sequence])
+        tiles = request.tiles if request.tiles is not None and len(request.tiles) else None
+        self._waiting.append(_Fill(sequence, np.asarray(request.input_ids, dtype=np.int64), tiles))
+        self._counts["requests"] += 1
+        return ticket
 
-    def arena(self, batch: int, length: int, in_use: Optional[CacheArena] = None) -> CacheArena:
-        """The cache arena of this shape, reused when it exists; least recently used others are freed to keep
-        the budget (a freed shape's decode graph stays compiled, a new arena just takes its place)."""
-        key = (batch, length)
-        if key not in self._arenas:
-            needed = CacheArena.bytes_for(self.model, batch, length)
-            for old in [k for k, a in self._arenas.items() if a is not in_use]:
-                if sum(a.nbytes for a in self._arenas.values()) + needed <= self.cache_budget_bytes:
-                    break
-                del self._arenas[old]
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-            self._arenas[key] = CacheArena(self.model, batch, length)
-        self._arenas.move_to_end(key)
-        return self._arenas[key]
-
-    def check_fits(self, requests: Sequence[Request], params: SamplingParams) -> None:
-        positions = self.model.config.text_config.max_expected_seq_len
-        for request in requests:
-            needed = len(request.input_ids) + (request.max_new_tokens or params.max_new_tokens)
-            if needed > min(positions, LENGTH_BUCKETS[-1]):
-                raise ValueError(
-                    f"a prompt of {len(request.input_ids)} tokens plus {needed - len(request.input_ids)} new tokens "
-                    f"exceeds the model's {min(positions, LENGTH_BUCKETS[-1])} positions"
-                )
+    def has_work(self) -> bool:
+        return bool(self._tickets)
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
-        """One generation per request, in order. Prompts of similar length are batched together."""
-        self.check_fits(requests, params)
-        results: list[Optional[Generation]] = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].input_ids))
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start : start + self.max_batch_size]
-            for index, generation in zip(chunk, self._generate_batch([requests[i] for i in chunk], params)):
-                results[index] = generation
-        return results  # type: ignore[return-value]
+    def step(self) -> list[tuple[int, list[Generation]]]:
+        """One scheduling round: fill free slots (bounded prefill work), decode ``sync_every`` tokens in every
+        decoding slot, retire what finished. Returns the tickets completed in this round."""
+        with self._compile_settings():
+            finished = self._admit()
+            if self._state.decoding_rows:
+                self._decode_window()
+                finished += self._retire()
+            self._compact()
+        return [(ticket, self._complete(ticket)) for ticket in finished if ticket is not None]
 
-    def _generate_batch(self, requests: Sequence[Request], params: SamplingParams) -> list[Generation]:
-        limits = [r.max_new_tokens or params.max_new_tokens for r in requests]
-        max_new = max(limits)
-        state, logits = self._prefill_batch(requests, limits, max_new)
-        done: dict[int, Generation] = {}
-        for step in range(max_new):
-            state.generated[:, step] = choose_tokens(logits, params, state.seeds, step)
-            if step == max_new - 1:
+    def generate(self, requests: Sequence[Request]) -> list[list[Generation]]:
+        """Every request's generations, in order (one per prompt). Requests stream through the slots."""
+        tickets = [self.submit(request) for request in requests]
+        results: dict = {}
+        while len(results) < len(tickets):
+            results.update(self.step())
+        return [results[ticket] for ticket in tickets]
+
+    def stats(self) -> dict:
+        """Cache and compile statistics: the KV cache's shape and size, the decode shapes used (each one graph when
+        compiled), and counts of decode steps, extend and vision calls."""
+        return {
+            "cache_shape": None if self.cache is None else self.cache.shape,
+            "cache_bytes": 0 if self.cache is None else self.cache.nbytes,
+            "decode_shapes": sorted(self._decode_shapes),
+            **self._counts,
+        }
+
+    # --- scheduling --------------------------------------------------------------------------
+
+    def _check_fits(self, request: Request) -> None:
+        needed = len(request.input_ids) + request.params.max_new_tokens
+        if needed > self.max_positions:
+            raise ValueError(
+                f"a prompt of {len(request.input_ids)} tokens plus {request.params.max_new_tokens} new tokens "
+                f"exceeds the model's {self.max_positions} positions"
+            )
+
+    def _free_slots(self) -> list[int]:
+        return [slot for slot, sequence in enumerate(self._slots) if sequence is None]
+
+    def _admit(self) -> list[int]:
+        """Give waiting fills the free slots, then write one chunk of every fill (within the prefill budget)."""
+        free = self._free_slots()
+        while self._waiting and free:
+            fill = self._waiting.popleft()
+            fill.sequence.slot = free.pop(0)
+            self._slots[fill.sequence.slot] = fill.sequence
+            self._filling.append(fill)
+        if not self._filling:
+            return []
+        self._ensure_cache(max(len(f.ids) + f.sequence.params.max_new_tokens for f in self._filling))
+        chunks = self._next_chunks()
+        self._encode_images([fill for fill, _ in chunks])
+        fresh = [(fill, n) for fill, n in chunks if fill.written == 0]  # from position 0: attend to themselves
+        continuing = [(fill, n) for fill, n in chunks if fill.written > 0]
+        finished = []
+        for batch, attend in ((fresh, "fresh"), (continuing, "rows")):
+            if batch:
+                finished += self._write_chunks(batch, attend)
+        return finished
+
+    def _next_chunks(self) -> list[tuple["_Fill", int]]:
+        """``(fill, tokens)`` to write this round: one chunk per fill, in arrival order, within the budget."""
+        chunks, budget = [], self.max_prefill_tokens
+        for fill in self._filling:
+            n = min(len(fill.ids) - fill.written, self.prefill_chunk)
+            if chunks and n > budget:
                 break
-            if (step + 1) % SYNC_EVERY == 0:
-                state = self._retire_finished(state, step + 1, done)
-                if state is None:
-                    break
-            logits = self._decode_step(state, step)
-        if state is not None:
-            self._collect(state, range(len(state.rows)), max_new, done)
-        return [done[i] for i in range(len(requests))]
+            chunks.append((fill, n))
+            budget -= n
+        return chunks
 
-    def _prefill_batch(self, requests: Sequence[Request], limits: list[int], max_new: int):
-        device = self.device
-        n = len(requests)
-        batch = round_up(n, self.batch_buckets)
-        lengths = [len(r.input_ids) for r in requests]
-        prompt_len = -(-max(lengths) // PROMPT_ALIGN) * PROMPT_ALIGN
-        cache_len = round_up(prompt_len + max_new, LENGTH_BUCKETS)
+    def _encode_images(self, fills: list["_Fill"]) -> None:
+        """The vision tower once for every new image of this round, all tiles in one call."""
+        pending = [fill for fill in fills if fill.tiles is not None and fill.features is None]
+        if not pending:
+            return
+        tiles = torch.from_numpy(np.concatenate([fill.tiles for fill in pending])).to(self.device)
+        features = self._vision(tiles)
+        self._counts["vision_calls"] += 1
+        per_tile = features.shape[0] // tiles.shape[0]
+        offsets = np.cumsum([0] + [len(fill.tiles) * per_tile for fill in pending])
+        for fill, start, stop in zip(pending, offsets[:-1], offsets[1:]):
+            fill.features = features[start:stop]
 
-        ids = np.full((batch, prompt_len), self.pad_id, dtype=np.int64)
-        first = np.full(batch, prompt_len - 1)  # filler rows hold one valid pad token
-        for row, request in enumerate(requests):
-            first[row] = prompt_len - lengths[row]
-            ids[row, first[row] :] = request.input_ids
-        first_t = torch.from_numpy(first).to(device)
-        slots = torch.arange(cache_len, device=device)
-        key_valid = (slots[None, :] >= first_t[:, None]) & (slots[None, :] < prompt_len)
-        positions = (slots[None, :prompt_len] - first_t[:, None]).clamp(min=0)
-        mask = attention_mask_3d(key_valid[:, :prompt_len], prompt_len)
-
-        ids_t = torch.from_numpy(ids).to(device)
-        tiles = [r.tiles for r in requests if r.tiles is not None and len(r.tiles)]
-        features = self._vision(torch.from_numpy(np.concatenate(tiles)).to(device)) if tiles else None
-        embeds = self.model.embed(ids_t, features)
-
-        arena = self.arena(batch, cache_len)
-        logits = self._prefill(self.model, embeds, positions, mask, slots[:prompt_len], arena.layers)
-        state = _Batch(
-            rows=list(range(n)) + [None] * (batch - n),
-            arena=arena,
-            prompt_len=prompt_len,
-            positions=positions[:, -1:] + 1,
-            key_valid=key_valid,
-            seeds=torch.tensor([r.seed for r in requests] + [0] * (batch - n), dtype=torch.int64, device=device),
-            limits=torch.tensor(limits + [1] * (batch - n), device=device),
-            generated=torch.full((batch, max_new), self.pad_id, dtype=torch.int64, device=device),
-            slots=slots,
-        )
-        return state, logits
-
-    def _decode_step(self, state: _Batch, step: int) -> torch.Tensor:
-        write = state.prompt_len + step  # all rows write one slot: the prompts are right-aligned
-        state.key_valid[:, write] = True
-        logits = self._decode(
+    def _write_chunks(self, batch: list[tuple["_Fill", int]], attend: str) -> list[int]:
+        """One extend call for these chunks; fills that complete get their first token and start decoding."""
+        scratch = self.cache.length - 1
+        width = -(-max(n for _, n in batch) // PAD_MULTIPLE) * PAD_MULTIPLE
+        ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+        positions = np.full((len(batch), width), scratch, dtype=np.int64)
+        features = []
+        for row, (fill, n) in enumerate(batch):
+            chunk = fill.ids[fill.written : fill.written + n]
+            ids[row, :n] = chunk
+            positions[row, :n] = np.arange(fill.written, fill.written + n)
+            count = int((chunk == self.model.config.image_token_id).sum())
+            if count:  # this chunk's share of the request's image features, in order
+                before = int((fill.ids[: fill.written] == self.model.config.image_token_id).sum())
+                features.append(fill.features[before : before + count])
+        attend_len = width if attend == "fresh" else round_up(max(f.written + n for f, n in batch), LENGTH_BUCKETS)
+        last = torch.tensor([n - 1 for _, n in batch], device=self.device)
+        logits = self._extend(
             self.model,
-            state.generated[:, step : step + 1].contiguous(),  # same strides for every batch: no recompiles
-            state.positions,
-            state.key_valid[:, None, :],
-            state.slots[write : write + 1],  # a view on the device: no host-to-device copy (and sync) per step
-            state.arena.layers,
+            torch.from_numpy(ids).to(self.device),
+            torch.cat(features) if features else None,
+            torch.from_numpy(positions).to(self.device),
+            torch.tensor([fill.sequence.slot for fill, _ in batch], device=self.device),
+            attend,
+            min(attend_len, self.cache.length),
+            last,
+            self.cache.layers,
         )
-        state.positions = state.positions + 1
-        return logits
+        self._counts["extend_calls"] += 1
+        for fill, n in batch:
+            fill.written += n
+        done = [row for row, (fill, _) in enumerate(batch) if fill.written == len(fill.ids)]
+        if not done:
+            return []
+        completed = [batch[row][0] for row in done]
+        self._filling = [fill for fill in self._filling if fill not in completed]
+        sequences = [fill.sequence for fill in completed]
+        sampling = _row_sampling(sequences, self.device, [0] * len(sequences)) if _samples(sequences) else None
+        return self._start_decoding(completed, choose_tokens(logits[done], sampling).tolist())
 
-    def _finished_rows(self, state: _Batch, steps: int) -> list[bool]:
-        stopped = torch.isin(state.generated[:, :steps], self.stop_ids).any(1)
-        return (stopped | (state.limits <= steps)).tolist()
-
-    def _retire_finished(self, state: _Batch, steps: int, done: dict) -> Optional[_Batch]:
-        """Hand back finished rows; move the live ones into a smaller batch bucket when they fit one."""
-        finished = self._finished_rows(state, steps)
-        self._collect(state, [i for i, f in enumerate(finished) if f], steps, done)
-        live = [i for i, row in enumerate(state.rows) if row is not None and not finished[i]]
-        if not live:
-            return None
-        for i in range(len(state.rows)):
-            if finished[i]:
-                state.rows[i] = None
-        batch = round_up(len(live), self.batch_buckets)
-        if batch == len(state.rows):
-            return state
-        keep = torch.tensor(live + [live[0]] * (batch - len(live)), device=self.device)
-        arena = self.arena(batch, state.key_valid.shape[1], in_use=state.arena)
-        arena.gather_rows_from(state.arena, keep)
-        return _Batch(
-            rows=[state.rows[i] for i in live] + [None] * (batch - len(live)),
-            arena=arena,
-            prompt_len=state.prompt_len,
-            positions=state.positions[keep],
-            key_valid=state.key_valid[keep],
-            seeds=state.seeds[keep],
-            limits=state.limits[keep],
-            generated=state.generated[keep],
-            slots=state.slots,
-        )
-
-    def _collect(self, state: _Batch, row_indices, steps: int, done: dict) -> None:
-        generated = state.generated[:, :steps].cpu().numpy()
-        limits = state.limits.tolist()
-        stop_ids = set(self.stop_ids.tolist())
-        for i in row_indices:
-            request = state.rows[i]
-            if request is None or request in done:
-                continue
-            tokens = generated[i, : limits[i]].tolist()
-            stop_at = next((j for j, token in enumerate(tokens) if token in stop_ids), None)
-            if stop_at is None:
-                done[request] = Generation(tokens, "length")
+    def _start_decoding(self, fills: list["_Fill"], first_tokens: list[int]) -> list[int]:
+        """Record each sequence's first token; those not already finished decode from the next window on."""
+        finished, starting = [], []
+        for fill, token in zip(fills, first_tokens):
+            sequence = fill.sequence
+            sequence.length = len(fill.ids)
+            sequence.generated.append(token)
+            if self._finished(sequence):
+                finished.append(self._release(sequence))
             else:
-                done[request] = Generation(tokens[:stop_at], "stop")
+                starting.append(sequence)
+        if starting:
+            self._state.activate(starting, _row_sampling(starting, self.device, [len(s.generated) for s in starting]))
+        return finished
+
+    def _decode_window(self) -> None:
+        state = self._state
+        rows = state.decoding_rows
+        longest = max(self._slots[slot].length for slot in state.decoding_slots)
+        attend_len = min(round_up(longest + self.sync_every, LENGTH_BUCKETS), self.cache.length)
+        self._decode_shapes.add((rows, attend_len))
+        sampling = state.sampling.rows(rows) if state.any_sampling else None
+        for step in range(self.sync_every):
+            tokens = self._decode(self.model, state.tokens[:rows], state.lengths[:rows], sampling, attend_len, self.cache.layers)
+            state.advance(rows, step, tokens)
+        self._counts["decode_steps"] += self.sync_every
+
+    def _retire(self) -> list[int]:
+        """Read the window's tokens once; hand back the sequences that stopped or reached their limit."""
+        history = self._state.history[: self._state.decoding_rows].tolist()
+        finished = []
+        for slot in list(self._state.decoding_slots):
+            sequence = self._slots[slot]
+            sequence.generated += history[slot]
+            sequence.length += self.sync_every
+            if self._finished(sequence):
+                finished.append(self._release(sequence))
+        return finished
+
+    def _finished(self, sequence: _Sequence) -> bool:
+        if not sequence.params.ignore_eos and any(t in self.stop_ids for t in sequence.generated):
+            return True
+        return len(sequence.generated) >= sequence.params.max_new_tokens
+
+    def _release(self, sequence: _Sequence) -> Optional[int]:
+        """Free the sequence's slot; its ticket when that was the ticket's last sequence."""
+        self._state.deactivate(sequence.slot, self.cache.length - 1)
+        self._slots[sequence.slot] = None
+        ticket = self._tickets[sequence.ticket]
+        ticket.done += 1
+        return sequence.ticket if ticket.done == len(ticket.sequences) else None
+
+    def _complete(self, ticket: int) -> list[Generation]:
+        return [self._generation(s) for s in self._tickets.pop(ticket).sequences]
+
+    def _generation(self, sequence: _Sequence) -> Generation:
+        tokens = sequence.generated[: sequence.params.max_new_tokens]
+        if not sequence.params.ignore_eos:
+            stop = next((i for i, token in enumerate(tokens) if token in self.stop_ids), None)
+            if stop is not None:
+                return Generation(tokens[:stop], "stop")
+        return Generation(tokens, "length")
+
+    def _compact(self) -> None:
+        """With nothing waiting, move the decoding sequences into the lowest slots when that lets a smaller
+        batch bucket decode them (the tail of a run)."""
+        state = self._state
+        if self._waiting or self._filling or not state.decoding_slots:
+            return
+        needed = round_up(len(state.decoding_slots), self.batch_buckets)
+        if needed >= state.decoding_rows:
+            return
+        for slot in sorted(state.decoding_slots, reverse=True):
+            target = self._free_slots()[0]
+            if target >= slot:
+                break
+            sequence = self._slots[slot]
+            self.cache.move(slot, target, sequence.length)
+            state.move(slot, target, self.cache.length - 1)
+            self._slots[target], self._slots[slot] = sequence, None
+            sequence.slot = target
+
+    def _ensure_cache(self, needed: int) -> None:
+        """A cache long enough for ``needed`` tokens plus a window's overshoot and the scratch position."""
+        length = min(round_up(needed + self.sync_every + 1, LENGTH_BUCKETS), self.rope_positions)
+        if self.cache is not None and self.cache.length >= length:
+            return
+        size = SlotCache.bytes_for(self.model, self.max_batch_size, length)
+        if size > self.cache_budget_bytes:
+            raise MemoryError(
+                f"a KV cache for {self.max_batch_size} slots of {length} tokens needs {size / 2**30:.1f} GiB, over "
+                f"the budget of {self.cache_budget_bytes / 2**30:.1f} GiB: use a smaller batch size"
+            )
+        if self.cache is None:
+            self.cache = SlotCache(self.model, self.max_batch_size, length)
+        else:
+            self.cache = self.cache.grown(self.model, length)
+        self._state.move_scratch(self.cache.length - 1)
+
+    def _compile_settings(self):
+        """Every (rows, length) bucket of the decode step is a graph of its own: allow all of them, here only."""
+        if not self._compiled:
+            return nullcontext()
+        limit = len(self.batch_buckets) * len(LENGTH_BUCKETS) * 2
+        return torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(limit, 256))
+
+
+def _samples(sequences: list[_Sequence]) -> bool:
+    return any(s.params.do_sample for s in sequences)
+
+
+def _row_sampling(sequences: list[_Sequence], device: torch.device, steps: list[int]) -> RowSampling:
+    p = [s.params for s in sequences]
+    return RowSampling(
+        do_sample=torch.tensor([x.do_sample for x in p], device=device),
+        temperature=torch.tensor([x.temperature for x in p], dtype=torch.float32, device=device),
+        top_p=torch.tensor([x.top_p for x in p], dtype=torch.float32, device=device),
+        top_k=torch.tensor([x.top_k for x in p], dtype=torch.int64, device=device),
+        seeds=torch.tensor([s.seed for s in sequences], dtype=torch.int64, device=device),
+        steps=torch.tensor(steps, dtype=torch.int64, device=device),
+    )
+
+
+class _SlotState:
+    """The decode loop's per-slot device state."""
+
+    def __init__(self, slots: int, window: int, device: torch.device):
+        self.tokens = torch.zeros(slots, dtype=torch.int64, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.int64, device=device)  # next write position
+        self.active = torch.zeros(slots, dtype=torch.int64, device=device)
+        self.history = torch.zeros(slots, window, dtype=torch.int64, device=device)
+        self.sampling = RowSampling(
+            do_sample=torch.zeros(slots, dtype=torch.bool, device=device),
+            temperature=torch.ones(slots, dtype=torch.float32, device=device),
+            top_p=torch.ones(slots, dtype=torch.float32, device=device),
+            top_k=torch.zeros(slots, dtype=torch.int64, device=device),
+            seeds=torch.zeros(slots, dtype=torch.int64, device=device),
+            steps=torch.zeros(slots, dtype=torch.int64, device=device),
+        )
+        self.device = device
+        self.decoding_slots: set = set()
+        self.sampling_slots: set = set()
+
+    @property
+    def decoding_rows(self) -> int:
+        """The decode step runs over slots ``[0, rows)``: up to the highest decoding slot."""
+        return max(self.decoding_slots) + 1 if self.decoding_slots else 0
+
+    @property
+    def any_sampling(self) -> bool:
+        return bool(self.sampling_slots)
+
+    def activate(self, sequences: list[_Sequence], sampling: RowSampling) -> None:
+        """These sequences decode from the next window on: their last token, length and sampling settings."""
+        slots = torch.tensor([s.slot for s in sequences], device=self.device)
+        self.tokens[slots] = torch.tensor([s.generated[-1] for s in sequences], device=self.device)
+        self.lengths[slots] = torch.tensor([s.length for s in sequences], device=self.device)
+        self.active[slots] = 1
+        for name, values in vars(sampling).items():
+            getattr(self.sampling, name)[slots] = values
+        self.decoding_slots.update(s.slot for s in sequences)
+        self.sampling_slots.update(s.slot for s in sequences if s.params.do_sample)
+
+    def advance(self, rows: int, step: int, tokens: torch.Tensor) -> None:
+        self.history[:rows, step] = tokens
+        self.tokens[:rows] = tokens
+        self.lengths[:rows] += self.active[:rows]
+        self.sampling.steps[:rows] += self.active[:rows]
+
+    def deactivate(self, slot: int, scratch: int) -> None:
+        self.active[slot] = 0
+        self.lengths[slot] = scratch
+        self.decoding_slots.discard(slot)
+        self.sampling_slots.discard(slot)
+
+    def move(self, source: int, target: int, scratch: int) -> None:
+        for tensor in (self.tokens, self.lengths, self.active, *vars(self.sampling).values()):
+            tensor[target] = tensor[source]
+        was_sampling = source in self.sampling_slots
+        self.deactivate(source, scratch)
+        self.decoding_slots.add(target)
+        if was_sampling:
+            self.sampling_slots.add(target)
+
+    def move_scratch(self, scratch: int) -> None:
+        """Slots that are not decoding write their steps into the cache's last position."""
+        self.lengths[self.active == 0] = scratch
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine in a thread of its own, for callers that submit while it decodes
+
+
+class BackgroundEngine:
+    """Runs :meth:`GenerationEngine.step` in a thread; ``submit`` from any thread returns a ``Future`` of the
+    request's generations (``asyncio.wrap_future`` makes it awaitable). A request that cannot fit fails its own
+    future; an engine failure fails every pending future and the ones submitted after it."""
+
+    def __init__(self, engine: GenerationEngine):
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._futures: dict = {}
+        self._failure: Optional[BaseException] = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> Future:
+        future: Future = Future()
+        if self._failure is not None:
+            future.set_exception(self._failure)
+        else:
+            self._inbox.put((request, future))
+        return future
+
+    def close(self) -> None:
+        self._closed.set()
+        self._inbox.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._take_submissions(block=not self.engine.has_work())
+                for ticket, generations in self.engine.step() if self.engine.has_work() else []:
+                    self._futures.pop(ticket).set_result(generations)
+            except BaseException as error:  # the engine's state is unknown now: fail everything, accept nothing
+                self._failure = error
+                for future in self._futures.values():
+                    future.set_exception(error)
+                self._futures.clear()
+                self._fail_inbox(error)
+                return
+
+    def _take_submissions(self, block: bool) -> None:
+        item = self._inbox.get() if block else self._inbox.get_nowait() if not self._inbox.empty() else None
+        while item is not None:
+            request, future = item
+            try:
+                self._futures[self.engine.submit(request)] = future
+            except ValueError as error:  # this request only
+                future.set_exception(error)
+            item = self._inbox.get_nowait() if not self._inbox.empty() else None
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if item is not None:
+                item[1].set_exception(error)

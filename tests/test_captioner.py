@@ -20,7 +20,7 @@ def test_greedy_tokens_equal_hf_generate(checkpoint_factory, name):
     images = [random_image(w, h, seed=i) for i, (w, h) in enumerate(sizes, start=1)]
     captioner = Captioner.from_pretrained(path, max_batch_size=4)
     results = captioner.generate(images, PROMPT, max_new_tokens=20)
-    expected = hf_greedy(path, images, [PROMPT] * len(images), 20, set(captioner.engine.stop_ids.tolist()))
+    expected = hf_greedy(path, images, [PROMPT] * len(images), 20, set(captioner.engine.stop_ids))
     assert [r.token_ids for r in results] == expected
     long_rows = sum(r.num_generated_tokens >= 16 for r in results)
     assert long_rows >= 3, "random weights stopped too early for a meaningful comparison"
@@ -65,5 +65,5 @@ def test_fms_generate_drives_the_model_with_images(checkpoint):
             extra_kwargs={"pixel_values": torch.from_numpy(sample.tiles)},
         )
         generated = output[len(sample.input_ids) :].tolist()
-        stop = next((i for i, t in enumerate(generated) if t in captioner.engine.stop_ids.tolist()), len(generated))
+        stop = next((i for i, t in enumerate(generated) if t in captioner.engine.stop_ids), len(generated))
         assert generated[:stop] == expected.token_ids, use_cache

@@ -1,4 +1,8 @@
-"""The batched engine: HF-identical greedy tokens eager and compiled, bounded recompiles, compaction, sampling."""
+"""The continuous-batching engine: HF-identical greedy tokens whatever the slot, the neighbours and the arrival order,
+eager and compiled; bounded recompiles; per-request limits and seeds; the background engine."""
+
+import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -6,17 +10,17 @@ import torch
 from torch._dynamo.utils import counters
 
 from fms_smolvlm import Captioner
-from fms_smolvlm.generation import Request, SamplingParams, choose_tokens, counter_uniform
+from fms_smolvlm.generation import BackgroundEngine, Request, RowSampling, SamplingParams, choose_tokens, counter_uniform
 from tests.conftest import random_image
 from tests.hf_reference import hf_greedy
 
 PROMPT = "Describe this image."
-# different tile counts: 5 to 17 tiles of 32 px with the test processor (longest edge 128)
+# different tile counts: 5 to 17 tiles of 32 px with the test processor (longest edge 128), and unsplit ones
 SIZES = [(90, 60), (40, 110), (30, 30), (200, 50), (64, 64), (33, 99)]
 
 
-def mixed_images():
-    return [random_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES, start=1)]
+def mixed_images(count: int = 6):
+    return [random_image(*SIZES[i % len(SIZES)], seed=i + 1) for i in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -25,83 +29,155 @@ def compiled(checkpoint):
     return Captioner.from_pretrained(checkpoint, max_batch_size=8, compile=True, warmup=True)
 
 
-@pytest.mark.parametrize("engine", ["eager", "compiled"])
-def test_greedy_equals_hf_for_mixed_images_and_a_text_only_row(checkpoint, compiled, engine):
-    captioner = compiled if engine == "compiled" else Captioner.from_pretrained(checkpoint, max_batch_size=8)
-    images = mixed_images()
-    results = captioner.generate(images + [None], PROMPT, max_new_tokens=16)
-    stop_ids = set(captioner.engine.stop_ids.tolist())
-    expected = hf_greedy(checkpoint, images, [PROMPT] * len(images), 16, stop_ids)
-    expected += hf_greedy(checkpoint, None, [PROMPT], 16, stop_ids)
-    assert [r.token_ids for r in results] == expected
-    assert len({r.num_image_tokens for r in results}) >= 4 and results[-1].num_image_tokens == 0
+@pytest.fixture(scope="module")
+def eager(checkpoint):
+    return Captioner.from_pretrained(checkpoint, max_batch_size=8)
 
 
-def test_recompiles_are_bounded_over_many_batches(compiled):
-    """12 batches of 1 to 8 images of varying sizes: graphs only for new (batch, cache length) buckets."""
+@pytest.fixture(scope="module")
+def arrivals(checkpoint, eager):
+    """24 image requests (5 to 17 tiles), limits from 2 to 24 tokens, a text-only one, and HF's greedy tokens for
+    each (HF in batches of its own, each request to its own limit)."""
+    images = mixed_images(24)
+    limits = [2 + (7 * i) % 23 for i in range(24)]
+    samples = eager.preprocess(images + [None], PROMPT)
+    requests = [Request(s.input_ids, s.tiles, SamplingParams(limit)) for s, limit in zip(samples, limits + [16])]
+    stop_ids = set(eager.engine.stop_ids)
+    expected = []
+    for limit in sorted(set(limits)):
+        chosen = [i for i, x in enumerate(limits) if x == limit]
+        for i, tokens in zip(chosen, hf_greedy(checkpoint, [images[i] for i in chosen], [PROMPT] * len(chosen), limit, stop_ids)):
+            expected.append((i, tokens))
+    expected = [tokens for _, tokens in sorted(expected)] + hf_greedy(checkpoint, None, [PROMPT], 16, stop_ids)
+    assert len({len(tokens) for tokens in expected}) >= 8, "caption lengths should vary"
+    assert len({s.num_tiles for s in samples}) >= 4
+    return requests, expected
+
+
+def run_with_staggered_arrivals(engine, requests):
+    """Submit a few requests, decode a round, submit more while those decode, and so on; results by request."""
+    tickets, results = {}, {}
+    pending = list(enumerate(requests))
+    while pending or len(results) < len(requests):
+        for index, request in pending[:3]:
+            tickets[engine.submit(request)] = index
+        pending = pending[3:]
+        for ticket, generations in engine.step():
+            results[tickets[ticket]] = generations[0].token_ids
+    return [results[i] for i in range(len(requests))]
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_greedy_equals_hf_with_requests_arriving_while_others_decode(request, arrivals, mode):
+    captioner = request.getfixturevalue(mode)
+    requests, expected = arrivals
+    assert run_with_staggered_arrivals(captioner.engine, requests) == expected
+    # the same requests in the reverse order, all at once: other slots, other neighbours, same tokens
+    reversed_results = [g[0].token_ids for g in captioner.engine.generate(requests[::-1])]
+    assert reversed_results[::-1] == expected
+
+
+def test_recompiles_are_bounded_over_a_long_run(compiled):
+    """120 requests of varied prompts (text and 1 to 17 tiles) and caption lengths: graphs only for new decode
+    buckets; the vision tower and extend steps have dynamic shapes."""
     rng = np.random.default_rng(0)
     graphs_before = counters["stats"]["unique_graphs"]
-    arenas_before = set(compiled.engine._arenas)
-    for batch in range(12):
-        count = int(rng.integers(1, 9))
-        sizes = [(int(rng.integers(20, 240)), int(rng.integers(20, 240))) for _ in range(count)]
-        images = [random_image(w, h, seed=100 * batch + i) for i, (w, h) in enumerate(sizes)]
-        results = compiled.generate(images, PROMPT, max_new_tokens=int(rng.integers(4, 24)))
-        assert all(r.error is None for r in results)
+    shapes_before = set(compiled.engine.stats()["decode_shapes"])
+    prompts = [PROMPT, "What?", "Write a detailed description of everything that is visible in this picture."]
+    images = [random_image(int(rng.integers(20, 240)), int(rng.integers(20, 240)), seed=500 + i) for i in range(40)]
+    samples = [s for prompt in prompts for s in compiled.preprocess(images, prompt)]
+    requests = [Request(s.input_ids, s.tiles, SamplingParams(int(rng.integers(1, 40)))) for s in samples]
+    results = compiled.engine.generate(requests)
+    assert len(results) == 120 and all(len(r[0].token_ids) <= q.params.max_new_tokens for r, q in zip(results, requests))
     new_graphs = counters["stats"]["unique_graphs"] - graphs_before
-    new_shapes = set(compiled.engine._arenas) - arenas_before
-    # one decode graph per new cache shape (a compaction adds one too); vision and prefill have dynamic shapes
+    new_shapes = set(compiled.engine.stats()["decode_shapes"]) - shapes_before
     assert new_graphs <= len(new_shapes) + 2, (new_graphs, sorted(new_shapes))
-    assert len(compiled.engine._arenas) <= len(compiled.engine.batch_buckets) * 4
+    assert len(compiled.engine.stats()["decode_shapes"]) <= 3 * len(compiled.engine.batch_buckets)
 
 
-def test_rows_stop_at_their_own_limits_and_compaction_keeps_results(checkpoint):
-    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=8)
-    captioner.engine.stop_ids = captioner.engine.stop_ids[:0]  # fixed lengths: only the limits stop rows
-    samples = captioner.preprocess(mixed_images(), PROMPT)
+def test_limits_stop_each_request_and_short_captions_free_their_slots(eager):
+    samples = eager.preprocess(mixed_images(), PROMPT)
     limits = [3, 20, 5, 20, 2, 9]
-    requests = [Request(s.input_ids, s.tiles, max_new_tokens=limit) for s, limit in zip(samples, limits)]
-    together = captioner.engine.generate(requests, SamplingParams(max_new_tokens=20))
+    requests = [Request(s.input_ids, s.tiles, SamplingParams(limit, ignore_eos=True)) for s, limit in zip(samples, limits)]
+    steps_before = eager.engine.stats()["decode_steps"]
+    together = [g[0] for g in eager.engine.generate(requests)]
     assert [len(g.token_ids) for g in together] == limits and all(g.finish_reason == "length" for g in together)
-    assert any(batch < 8 for batch, _ in captioner.engine._arenas)  # compacted into a smaller batch bucket
-    captioner.engine.cache_budget_bytes = 1  # every new arena now frees all the others it can
+    # the longest request paces the run: no decode step beyond its 20 tokens (rounded up to the sync window)
+    assert eager.engine.stats()["decode_steps"] - steps_before <= 20 + eager.engine.sync_every
     for request, generation in zip(requests, together):
-        alone = captioner.engine.generate([request], SamplingParams(max_new_tokens=20))[0]
-        assert alone.token_ids == generation.token_ids
-    assert len(captioner.engine._arenas) == 1
+        assert eager.engine.generate([request])[0][0].token_ids == generation.token_ids
 
 
-def test_too_long_a_request_is_named(checkpoint):
-    captioner = Captioner.from_pretrained(checkpoint)
-    with pytest.raises(ValueError, match="plus 5000 new tokens exceeds the model's 4096 positions"):
-        captioner.generate([random_image(40, 40)], PROMPT, max_new_tokens=5000)
+def test_the_tail_of_a_run_decodes_in_a_smaller_bucket(eager):
+    """When only one long request is left it moves to the lowest slot, and the decode step shrinks to one row."""
+    samples = eager.preprocess(mixed_images(8), PROMPT)
+    limits = [2] * 7 + [30]
+    requests = [Request(s.input_ids, s.tiles, SamplingParams(limit, ignore_eos=True)) for s, limit in zip(samples, limits)]
+    results = eager.engine.generate(requests[::-1])  # the long one takes slot 0 ...
+    results = eager.engine.generate(requests)  # ... and here slot 7
+    assert [len(r[0].token_ids) for r in results] == limits
+    assert (1, eager.engine.stats()["decode_shapes"][0][1]) in eager.engine.stats()["decode_shapes"]
 
 
-def test_sampling_is_reproducible_and_independent_of_batching(checkpoint):
-    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=8)
+def test_long_prompts_are_written_in_chunks_with_the_same_tokens(checkpoint, eager):
+    chunked = Captioner.from_pretrained(checkpoint, max_batch_size=4)
+    chunked.engine.prefill_chunk = chunked.engine.max_prefill_tokens = 40  # a 17-tile prompt takes ~8 chunks
+    samples = eager.preprocess(mixed_images(), PROMPT)
+    requests = [Request(s.input_ids, s.tiles, SamplingParams(12)) for s in samples]
+    expected = [g[0].token_ids for g in eager.engine.generate(requests)]
+    assert [g[0].token_ids for g in chunked.engine.generate(requests)] == expected
+    assert chunked.engine.stats()["extend_calls"] >= max(len(s.input_ids) for s in samples) // 40
+
+
+def test_too_long_a_request_is_named(eager):
+    with pytest.raises(ValueError, match="plus 5000 new tokens exceeds the model's 4091 positions"):
+        eager.generate([random_image(40, 40)], PROMPT, max_new_tokens=5000)
+
+
+def test_per_image_limits_in_captioner(eager):
+    results = eager.generate(mixed_images(3), PROMPT, max_new_tokens=[1, 4, 7], ignore_eos=True)
+    assert [r.num_generated_tokens for r in results] == [1, 4, 7]
+    with pytest.raises(ValueError, match="2 limits for 3 images"):
+        eager.generate(mixed_images(3), PROMPT, max_new_tokens=[1, 4])
+
+
+def test_sampling_is_reproducible_and_independent_of_neighbours(eager):
     images = mixed_images()
     sample = dict(do_sample=True, temperature=1.3, top_p=0.9, top_k=50, max_new_tokens=12)
-    first = [r.token_ids for r in captioner.generate(images, PROMPT, seed=7, **sample)]
-    assert [r.token_ids for r in captioner.generate(images, PROMPT, seed=7, **sample)] == first
-    assert [r.token_ids for r in captioner.generate(images, PROMPT, seed=8, **sample)] != first
-    # image i draws with seed 7 + i: alone, it samples the same caption as in the batch
-    alone = captioner.generate(images[2:3], PROMPT, seed=9, **sample)[0]
-    assert alone.token_ids == first[2]
-    greedy = [r.token_ids for r in captioner.generate(images, PROMPT, max_new_tokens=12)]
-    assert greedy != first
+    first = [r.token_ids for r in eager.generate(images, PROMPT, seed=7, **sample)]
+    assert [r.token_ids for r in eager.generate(images, PROMPT, seed=7, **sample)] == first
+    assert [r.token_ids for r in eager.generate(images, PROMPT, seed=8, **sample)] != first
+    # image i draws with seed 7 + i: alone, it samples the same caption as among the others
+    assert eager.generate(images[2:3], PROMPT, seed=9, **sample)[0].token_ids == first[2]
+    # greedy and sampling requests side by side: each keeps its own rule
+    samples = eager.preprocess(images[:2], PROMPT)
+    mixed = eager.engine.generate([
+        Request(samples[0].input_ids, samples[0].tiles, SamplingParams(12)),
+        Request(samples[1].input_ids, samples[1].tiles, SamplingParams(**sample), seed=8),
+    ])
+    assert mixed[0][0].token_ids == eager.generate(images[:1], PROMPT, max_new_tokens=12)[0].token_ids
+    assert mixed[1][0].token_ids == first[1]
 
 
 def test_sampling_follows_the_distribution_and_its_filters():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
-    seeds = torch.arange(4000, dtype=torch.int64)
-    counts = torch.bincount(choose_tokens(logits, SamplingParams(do_sample=True), seeds, step=0), minlength=4)
-    assert torch.allclose(counts / 4000, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
-    top_p = choose_tokens(logits, SamplingParams(do_sample=True, top_p=0.7), seeds, step=0)
-    assert set(top_p.tolist()) == {0, 1}  # 0.5 + 0.3 covers 0.7: the tail is cut
-    top_k = choose_tokens(logits, SamplingParams(do_sample=True, top_k=1), seeds, step=0)
-    assert set(top_k.tolist()) == {0}
-    noise = counter_uniform(seeds[:3], step=5, vocab_size=6)
-    assert torch.equal(noise, counter_uniform(seeds[:3], step=5, vocab_size=6)) and (noise > 0).all() and (noise < 1).all()
+    rows = 4000
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(rows, 4)
+
+    def sampling(**params):
+        p = SamplingParams(do_sample=True, **params)
+        full = lambda value, dtype: torch.full((rows,), value, dtype=dtype)  # noqa: E731
+        return RowSampling(full(True, torch.bool), full(p.temperature, torch.float32), full(p.top_p, torch.float32),
+                           full(p.top_k, torch.int64), torch.arange(rows), full(0, torch.int64))
+
+    counts = torch.bincount(choose_tokens(logits, sampling()), minlength=4)
+    assert torch.allclose(counts / rows, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    assert set(choose_tokens(logits, sampling(top_p=0.7)).tolist()) == {0, 1}  # 0.5 + 0.3 covers 0.7
+    assert set(choose_tokens(logits, sampling(top_k=1)).tolist()) == {0}
+    greedy_rows = replace(sampling(), do_sample=torch.arange(rows) % 2 == 0)
+    assert (choose_tokens(logits, greedy_rows)[1::2] == 0).all()
+    noise = counter_uniform(torch.arange(3), torch.full((3,), 5), vocab_size=6)
+    assert torch.equal(noise, counter_uniform(torch.arange(3), torch.full((3,), 5), vocab_size=6))
+    assert (noise > 0).all() and (noise < 1).all()
 
 
 def test_invalid_sampling_parameters_are_named():
@@ -111,3 +187,26 @@ def test_invalid_sampling_parameters_are_named():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature must be positive"):
         SamplingParams(do_sample=True, temperature=0)
+
+
+def test_background_engine_serves_concurrent_callers(eager, arrivals):
+    requests, expected = arrivals
+    background = BackgroundEngine(eager.engine)
+    try:
+
+        async def caller(chunk):  # an async caller awaiting its own requests, as the job's replicas do
+            futures = [asyncio.wrap_future(background.submit(requests[i])) for i in chunk]
+            return [generations[0].token_ids for generations in await asyncio.gather(*futures)]
+
+        async def callers():
+            return await asyncio.gather(*(caller(range(start, len(requests), 3)) for start in range(3)))
+
+        by_caller = asyncio.run(callers())
+        for start, tokens in enumerate(by_caller):
+            assert tokens == expected[start::3]
+        too_long = replace(requests[0], params=SamplingParams(5000))
+        with pytest.raises(ValueError, match="exceeds the model's"):
+            background.submit(too_long).result(timeout=60)
+        assert background.submit(requests[1]).result(timeout=60)[0].token_ids == expected[1]  # still serving
+    finally:
+        background.close()
