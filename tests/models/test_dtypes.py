@@ -1,0 +1,81 @@
+"""The production dtypes on the CPU: bf16 and fp16 through get_model, Captioner (eager and compiled), against HF's
+fp32 logits teacher-forced on HF's own greedy continuations."""
+
+import numpy as np
+import pytest
+import torch
+from fms.models import get_model
+
+from fms_smolvlm import Captioner
+from fms_smolvlm.processing import SmolVLMPreprocessor
+from tests.conftest import random_image
+from tests.hf_reference import hf_inputs, hf_model, hf_processor
+
+PROMPT = "Describe this image."
+SIZES = [(90, 60), (40, 110), (30, 30), (200, 50), (64, 64)]
+NEW_TOKENS = 16  # per image: 5 x 16 = 80 teacher-forced positions
+# bf16 keeps 8 significant bits (relative step 2^-8), fp16 11 (2^-11); through the layers the error grows to a few
+# steps (measured: 1.0e-2 and 1.3e-3 of the logits' scale)
+RELATIVE_LOGIT_ERROR = {torch.bfloat16: 4e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(scope="module")
+def hf_continuations(checkpoint):
+    """Per image: our uint8 tiles (equal to HF's pixels, see test_processing), HF fp32's greedy continuation (stop
+    tokens ignored) after the prompt, and HF fp32's logits at the positions that chose those tokens."""
+    processor, model = hf_processor(checkpoint), hf_model(checkpoint)
+    preprocessor = SmolVLMPreprocessor.from_pretrained(checkpoint)
+    rows = []
+    for i, size in enumerate(SIZES):
+        image = random_image(*size, seed=i)
+        inputs = hf_inputs(processor, [PROMPT], [image])
+        prompt_len = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            sequence = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            logits = model(input_ids=sequence, pixel_values=inputs["pixel_values"],
+                           pixel_attention_mask=inputs["pixel_attention_mask"]).logits[0, prompt_len - 1 : -1]
+        sample = preprocessor.process(image, PROMPT)
+        assert sample.input_ids.tolist() == inputs["input_ids"][0].tolist()
+        rows.append((torch.from_numpy(sample.tiles), sequence, logits, prompt_len))
+    return rows
+
+
+def teacher_forced_logits(model, tiles, sequence, prompt_len):
+    with torch.no_grad():
+        return model(sequence, pixel_values=tiles)[0, prompt_len - 1 : -1].float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_agrees_with_hf_fp32_teacher_forced(checkpoint, hf_continuations, dtype):
+    model = get_model("hf_pretrained", model_path=str(checkpoint), data_type=dtype).eval()
+    assert model.dtype == dtype and model.vision_tower.embeddings.patch_embedding.weight.dtype == dtype
+    agree, positions, worst = 0, 0, 0.0
+    for tiles, sequence, expected, prompt_len in hf_continuations:
+        actual = teacher_forced_logits(model, tiles, sequence, prompt_len)
+        agree += int((actual.argmax(-1) == expected.argmax(-1)).sum())
+        positions += expected.shape[0]
+        worst = max(worst, float((actual - expected).abs().max() / expected.abs().max()))
+    assert positions >= 64
+    assert agree / positions >= 0.95, f"top-1 agreement {agree}/{positions}"
+    assert worst <= RELATIVE_LOGIT_ERROR[dtype], f"relative logit error {worst:.2e}"
+
+
+def test_uint8_tiles_are_normalised_in_fp32_then_cast(checkpoint):
+    model = get_model("hf_pretrained", model_path=str(checkpoint), data_type=torch.bfloat16)
+    tiles = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    expected = ((tiles.double() / 255 - 0.5) / 0.5).float().to(torch.bfloat16)
+    assert torch.equal(model.normalize_pixels(tiles), expected)
+    assert not torch.equal(model.normalize_pixels(tiles), ((tiles.to(torch.bfloat16) / 255 - 0.5) / 0.5))
+
+
+def test_compiled_bf16_captions_like_eager_bf16(checkpoint):
+    """Inductor fuses bf16 arithmetic differently (upcasting inside its kernels), so a near tie can flip a token and
+    a caption goes its own way from there; on the great majority of rows nothing flips. (Measured: 22 of 24.)"""
+    images = [random_image(*SIZES[i % len(SIZES)], seed=20 + i) for i in range(24)]
+    eager = Captioner.from_pretrained(checkpoint, dtype="bfloat16", max_batch_size=8)
+    torch._dynamo.reset()
+    compiled = Captioner.from_pretrained(checkpoint, dtype="bfloat16", max_batch_size=8, compile=True)
+    expected = [r.token_ids for r in eager.generate(images, PROMPT, max_new_tokens=8)]
+    actual = [r.token_ids for r in compiled.generate(images, PROMPT, max_new_tokens=8)]
+    assert np.mean([a == e for a, e in zip(actual, expected)]) >= 0.8, (actual, expected)
+    assert sum(len(tokens) for tokens in expected) >= 100  # not a run of empty captions
