@@ -114,7 +114,7 @@ class Captioner:
         self.generate([image] * self.engine.max_batch_size, max_new_tokens=max_new_tokens)
 
     def preprocess(self, images: Sequence[Optional[ImageInput]], prompt: str) -> list[ProcessedSample]:
-        return [self.preprocessor.process(image, prompt) for image in images]
+        return [self.preprocessor.process(image, [prompt]) for image in images]
 
     def generate(
         self,

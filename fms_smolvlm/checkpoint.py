@@ -53,6 +53,7 @@ class VideoSampling:
     max_frames: Optional[int]
     longest_edge: int
     tile_size: int
+    resample: int = 1  # PIL's LANCZOS, the hub configs' value
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ def video_sampling(settings: dict) -> VideoSampling:
         max_frames=sampling.get("max_frames", settings.get("num_frames")),
         longest_edge=size["longest_edge"],
         tile_size=settings.get("max_image_size", {}).get("longest_edge", 364),  # HF's class default
+        resample=settings.get("resample", 1),
     )
 
 

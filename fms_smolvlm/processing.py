@@ -28,12 +28,22 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fms_smolvlm.checkpoint import ProcessorConfigError, read_processor_config
+from fms_smolvlm.checkpoint import ProcessorConfigError, VideoSampling, read_processor_config
+from fms_smolvlm.prompts import IMAGE_TOKEN, VIDEO_TOKEN, image_prompt, render_user_turn, video_prompt
+from fms_smolvlm.video import (
+    DEFAULT_MAX_SECONDS,
+    ProcessedVideo,
+    VideoError,
+    VideoSettings,
+    is_video,
+    process_video,
+    video_resize_kernel,
+)
 
 ImageInput = Union[bytes, bytearray, memoryview, Image.Image]
 
@@ -44,9 +54,6 @@ HF_DEFAULT_TILE = {"longest_edge": 364}
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 EXIF_ORIENTATION = 0x0112
 
-FAKE_TOKEN = "<fake_token_around_image>"
-IMAGE_TOKEN = "<image>"
-GLOBAL_TOKEN = "<global-img>"
 
 
 class ImageError(ValueError):
@@ -78,13 +85,19 @@ class ProcessedImage:
 
 @dataclass
 class ProcessedSample:
-    """Model-ready input for one image and prompt, or the reason it has none."""
+    """Model-ready input for one image (or video) and its prompts, or the reason it has none."""
 
-    input_ids: Optional[np.ndarray]  # int64 (seq,), with the image expanded to its tiles' tokens
-    tiles: Optional[np.ndarray]  # uint8 (tiles, 3, M, M)
+    prompt_ids: tuple  # int64 (seq,) per prompt, with the image (or video) expanded to its tiles' tokens
+    tiles: Optional[np.ndarray]  # uint8 (tiles, 3, M, M), once for all prompts
     width: Optional[int] = None
     height: Optional[int] = None
     error: Optional[str] = None
+    num_frames: Optional[int] = None  # a video's sampled frames (one tile each); None for an image
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        """The (first) prompt's ids."""
+        return self.prompt_ids[0]
 
     @property
     def num_tiles(self) -> int:
@@ -226,34 +239,28 @@ def _chw(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
 
 
-# ---------------------------------------------------------------------------------------------
-# Prompt expansion
-
-
-def image_prompt(rows: int, cols: int, image_seq_len: int) -> str:
-    """The text that stands for one image: per tile ``<fake><row_r_col_c><image>*seq``, rows ended by a
-    newline, then ``\\n<fake><global-img><image>*seq<fake>`` (unsplit: the global part alone)."""
-    image_tokens = IMAGE_TOKEN * image_seq_len
-    global_part = f"{FAKE_TOKEN}{GLOBAL_TOKEN}{image_tokens}{FAKE_TOKEN}"
-    if rows == 0 and cols == 0:
-        return global_part
-    grid = "".join(
-        "".join(f"{FAKE_TOKEN}<row_{r}_col_{c}>{image_tokens}" for c in range(1, cols + 1)) + "\n"
-        for r in range(1, rows + 1)
-    )
-    return f"{grid}\n{global_part}"
-
-
 class SmolVLMPreprocessor:
-    """Image + prompt -> model input, configured from a checkpoint directory's processor files."""
+    """Image or video + prompts -> model input, configured from a checkpoint directory's processor files."""
 
-    def __init__(self, tokenizer, chat_template: str, image_seq_len: int, settings: ImageSettings):
+    def __init__(
+        self,
+        tokenizer,
+        chat_template: str,
+        image_seq_len: int,
+        settings: ImageSettings,
+        video: Optional[VideoSettings] = None,
+    ):
+        """``video``: how clips become tiles; None for a checkpoint without a video processor (videos are errors)."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.image_seq_len = image_seq_len
         self.settings = settings
+        self.video = video
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self._prompt_ids = lru_cache(maxsize=256)(self._expand_and_tokenize)
+        if tokenizer("a")["input_ids"] != tokenizer("a", add_special_tokens=False)["input_ids"]:
+            # prompts are tokenized in pieces (the image part once): that needs a tokenizer that adds nothing
+            raise ProcessorConfigError("the tokenizer adds special tokens around a text; SmolVLM's add none")
+        self._tokens = lru_cache(maxsize=1024)(self._tokenize)
 
     @classmethod
     def from_pretrained(
@@ -262,9 +269,12 @@ class SmolVLMPreprocessor:
         image_longest_edge: Optional[int] = None,
         image_splitting: Optional[bool] = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        video_fps: Optional[float] = None,
+        video_max_frames: Optional[int] = None,
+        max_video_seconds: float = DEFAULT_MAX_SECONDS,
     ) -> "SmolVLMPreprocessor":
-        """``image_longest_edge`` / ``image_splitting``: None keeps the checkpoint's processor config (in any of the
-        layouts :mod:`fms_smolvlm.checkpoint` reads)."""
+        """``image_longest_edge`` / ``image_splitting`` / ``video_fps`` / ``video_max_frames``: None keeps the
+        checkpoint's processor config (in any of the layouts :mod:`fms_smolvlm.checkpoint` reads)."""
         from transformers import AutoTokenizer
 
         model_dir = Path(model_dir)
@@ -287,11 +297,14 @@ class SmolVLMPreprocessor:
         if not chat_template:
             raise ProcessorConfigError(f"{model_dir} has no chat template (chat_template.jinja or chat_template.json)")
         image_seq_len = config.image_seq_len or _image_seq_len_from_config(model_dir)
-        return cls(tokenizer, chat_template, image_seq_len, settings)
+        video = None
+        if config.video is not None:
+            video = _video_settings(config.video, video_fps, video_max_frames, max_video_seconds, model_dir)
+        return cls(tokenizer, chat_template, image_seq_len, settings, video)
 
     def fingerprint(self) -> dict:
         """The settings that change what the model sees (for a job's identity)."""
-        return {
+        fingerprint = {
             "image_longest_edge": self.settings.longest_edge,
             "image_tile_size": self.settings.tile_size,
             "image_splitting": self.settings.splitting,
@@ -299,29 +312,39 @@ class SmolVLMPreprocessor:
             "max_image_pixels": self.settings.max_pixels,
             "exif_orientation": True,
         }
+        if self.video is not None:
+            fingerprint.update(
+                video_fps=self.video.fps,
+                video_max_frames=self.video.max_frames,
+                video_size=self.video.video_size,
+                video_tile_size=self.video.tile_size,
+                video_resize=video_resize_kernel(self.video),
+                max_video_seconds=self.video.max_seconds,
+            )
+        return fingerprint
 
-    def render_prompt(self, prompt: str, with_image: bool = True) -> str:
-        """The checkpoint's chat template: one user turn (image, then text) and the generation prompt."""
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+    def render_prompt(self, prompt: str, media: Optional[str] = "image") -> str:
+        """The chat template's user turn (``media``, then the text; None: text only) and the generation prompt."""
+        return render_user_turn(self.tokenizer, self.chat_template, prompt, media)
 
     def prompt_ids(self, prompt: str, rows: Optional[int] = None, cols: Optional[int] = None) -> np.ndarray:
-        """Token ids of the rendered prompt with the image expanded for a ``rows x cols`` split
-        (``0 x 0``: unsplit); ``rows=None``: a text-only prompt. Cached: few distinct grids occur."""
-        return self._prompt_ids(prompt, rows, cols)
+        """Token ids of the rendered prompt with the image expanded for a ``rows x cols`` split (``0 x 0``:
+        unsplit); ``rows=None``: a text-only prompt. The part up to the end of the image is tokenized once per
+        grid, the rest once per prompt: it follows a special token, so the pieces tokenize as the whole does."""
+        if rows is None:
+            return self._tokens(self.render_prompt(prompt, media=None))
+        text = self.render_prompt(prompt)
+        split = text.index(IMAGE_TOKEN)
+        head = text[:split] + image_prompt(rows, cols, self.image_seq_len)
+        return np.concatenate([self._tokens(head), self._tokens(text[split + len(IMAGE_TOKEN) :])])
 
-    def _expand_and_tokenize(self, prompt: str, rows: Optional[int], cols: Optional[int]) -> np.ndarray:
-        text = self.render_prompt(prompt, with_image=rows is not None)
-        if rows is not None:
-            if text.count(IMAGE_TOKEN) != 1:
-                raise ValueError(f"the chat template must place exactly one {IMAGE_TOKEN}, got {text!r}")
-            text = text.replace(IMAGE_TOKEN, image_prompt(rows, cols, self.image_seq_len))
-        ids = np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
+    def video_prompt_ids(self, prompt: str, video: ProcessedVideo) -> np.ndarray:
+        text = self.render_prompt(prompt, media="video")
+        expansion = video_prompt(video.timestamps, video.duration, self.image_seq_len)
+        return self._tokenize(text.replace(VIDEO_TOKEN, expansion))
+
+    def _tokenize(self, text: str) -> np.ndarray:
+        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
         ids.flags.writeable = False  # shared by the cache
         return ids
 
@@ -329,18 +352,41 @@ class SmolVLMPreprocessor:
         """Raises :class:`ImageError` for an image that cannot be used."""
         return tile_image(decode_image(image, self.settings.max_pixels), self.settings)
 
-    def process(self, image: Optional[ImageInput], prompt: str) -> ProcessedSample:
-        """One sample; a bad image gives ``error`` set and no ids, never an exception."""
-        if image is None:
-            return ProcessedSample(self.prompt_ids(prompt), None)
+    def process(self, media: Optional[ImageInput], prompts: Sequence[str]) -> ProcessedSample:
+        """One sample (an image, an encoded video, or None for text only) for each of ``prompts``: the tiles once,
+        the token ids per prompt. A bad image or video gives ``error`` set and no ids, never an exception."""
         try:
-            processed = self.process_image(image)
-        except ImageError as error:
-            return ProcessedSample(None, None, error=str(error))
-        except Exception as error:  # PIL has more failure modes than it documents: still this image's problem only
-            return ProcessedSample(None, None, error=f"cannot process image: {_one_line(error)}")
-        ids = self.prompt_ids(prompt, processed.rows, processed.cols)
+            if media is None:
+                return ProcessedSample(tuple(self.prompt_ids(prompt) for prompt in prompts), None)
+            if isinstance(media, (bytes, bytearray, memoryview)) and is_video(media):
+                return self._process_video(bytes(media), prompts)
+            processed = self.process_image(media)
+        except (ImageError, VideoError) as error:
+            return ProcessedSample((), None, error=str(error))
+        except Exception as error:  # PIL and FFmpeg fail in more ways than they document: still this sample's only
+            return ProcessedSample((), None, error=f"cannot process {_media_kind(media)}: {_one_line(error)}")
+        ids = tuple(self.prompt_ids(prompt, processed.rows, processed.cols) for prompt in prompts)
         return ProcessedSample(ids, processed.tiles, processed.width, processed.height)
+
+    def _process_video(self, data: bytes, prompts: Sequence[str]) -> ProcessedSample:
+        if self.video is None:
+            raise VideoError("a video, but the checkpoint has no video processor (a SmolVLM2 checkpoint has one)")
+        video = process_video(data, self.video)
+        ids = tuple(self.video_prompt_ids(prompt, video) for prompt in prompts)
+        return ProcessedSample(ids, video.tiles, video.width, video.height, num_frames=video.num_frames)
+
+
+def _video_settings(sampling: VideoSampling, fps, max_frames, max_seconds: float, model_dir: Path) -> VideoSettings:
+    """The checkpoint's video sampling with the caller's overrides."""
+    fps = fps if fps is not None else sampling.fps
+    max_frames = max_frames if max_frames is not None else sampling.max_frames
+    if fps is None or max_frames is None:
+        raise ProcessorConfigError(f"{model_dir}: the video processor states no fps / max_frames to sample clips with")
+    return VideoSettings(fps, max_frames, sampling.longest_edge, sampling.tile_size, max_seconds, sampling.resample)
+
+
+def _media_kind(media) -> str:
+    return "video" if isinstance(media, (bytes, bytearray, memoryview)) and is_video(media) else "image"
 
 
 def _check_normalisation(image_config: dict, model_dir: Path) -> None:

@@ -20,7 +20,8 @@ from fms.models import _fsdp_autowrap_policy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ShardingStrategy
 
-from fms_smolvlm.processing import IMAGE_TOKEN, ImageInput, SmolVLMPreprocessor, image_prompt
+from fms_smolvlm.processing import ImageInput, SmolVLMPreprocessor
+from fms_smolvlm.prompts import IMAGE_TOKEN, image_prompt
 from fms_smolvlm.smolvlm import SmolVLM, attention_mask_3d
 
 IGNORE_INDEX = -100  # HF's label for "no loss here"

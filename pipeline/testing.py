@@ -86,3 +86,63 @@ def write_sample_shards(directory, shards: int = 3, images_per_shard: int = 4, f
         name = pattern.format(f"part-{shard:05d}")
         written[name] = writer(directory / name, sample_images(images_per_shard, seed + shard))
     return written
+
+
+def synthetic_clip(
+    seconds: float = 2.0,
+    fps: float = 10,
+    width: int = 64,
+    height: int = 48,
+    codec: str = "libx264",
+    container: str = "mp4",
+    seed: int = 0,
+    frame_times: list[float] | None = None,
+    keyframe_interval: int | None = None,
+) -> bytes:
+    """An encoded clip of a coloured box moving over a shifting colour field, so every frame differs.
+
+    ``codec`` is a PyAV encoder (``libx264``, ``libvpx-vp9``, ``mpeg4``...), ``container`` an FFmpeg muxer
+    (``mp4``, ``mov``, ``webm``, ``matroska``, ``avi``, ``mpegts``). ``frame_times`` (increasing seconds) makes
+    a variable-frame-rate clip with those presentation times instead of ``seconds * fps`` regular ones; ``fps``
+    is then only the rate the header advertises. ``keyframe_interval`` defaults to two seconds of frames.
+    Width and height must be even (4:2:0 chroma).
+    """
+    import av
+    from fractions import Fraction
+
+    fast_encoder_options = {
+        "libx264": {"preset": "veryfast"},  # keeps B-frames: decode order differs from presentation order
+        "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8"},
+    }
+    rate = Fraction(fps).limit_denominator(1001)
+    if frame_times is None:
+        time_base = 1 / rate
+        pts = list(range(round(seconds * rate)))
+    else:
+        time_base = Fraction(1, 1000)
+        pts = [round(t * 1000) for t in frame_times]
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=3)
+    box_colour = rng.integers(0, 256, size=3).astype(np.uint8)
+    box = max(4, min(width, height) // 3)
+    ramp = np.linspace(0, 60, width)[None, :, None]
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as output:
+        stream = output.add_stream(codec, rate=rate, options=fast_encoder_options.get(codec, {}))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = time_base
+        stream.codec_context.gop_size = keyframe_interval or max(1, round(2 * rate))
+        for i, frame_pts in enumerate(pts):
+            pixels = np.empty((height, width, 3), np.uint8)
+            pixels[:] = ((base + 7 * i) % 196 + ramp).astype(np.uint8)
+            x = (3 * i) % max(1, width - box)
+            y = (2 * i) % max(1, height - box)
+            pixels[y : y + box, x : x + box] = box_colour
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts, frame.time_base = frame_pts, time_base
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+    return buffer.getvalue()

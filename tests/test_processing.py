@@ -8,7 +8,8 @@ import torch
 from fms.models import get_model
 from PIL import Image
 
-from fms_smolvlm.processing import ImageError, SmolVLMPreprocessor, decode_image, image_prompt
+from fms_smolvlm.processing import ImageError, SmolVLMPreprocessor, decode_image
+from fms_smolvlm.prompts import image_prompt
 from tests.conftest import random_image
 from fms_smolvlm.hf_api import real_tiles
 from tests.hf_reference import chat_prompt, hf_processor
@@ -45,7 +46,7 @@ def test_ids_and_pixels_equal_hf_processor(checkpoint_factory, name, splitting):
     for i, (width, height) in enumerate(SIZES):
         image = random_image(width, height, seed=i)
         prompt = PROMPTS[i % len(PROMPTS)]
-        sample = ours.process(encoded(image), prompt)
+        sample = ours.process(encoded(image), [prompt])
         expected_ids, expected_pixels = hf_single(theirs, image, prompt)
         assert sample.error is None
         assert sample.input_ids.tolist() == expected_ids.tolist(), (width, height)
@@ -63,10 +64,10 @@ def test_image_budget_options(checkpoint):
     small = SmolVLMPreprocessor.from_pretrained(checkpoint, image_longest_edge=32, image_splitting=False)
     full = SmolVLMPreprocessor.from_pretrained(checkpoint)
     image = encoded(random_image(300, 200))
-    assert small.process(image, "Hi").num_tiles == 1
-    assert full.process(image, "Hi").num_tiles == 4 * 3 + 1
+    assert small.process(image, ["Hi"]).num_tiles == 1
+    assert full.process(image, ["Hi"]).num_tiles == 4 * 3 + 1
     image_id = small.image_token_id
-    assert (small.process(image, "Hi").input_ids == image_id).sum() == small.image_seq_len
+    assert (small.process(image, ["Hi"]).input_ids == image_id).sum() == small.image_seq_len
     assert small.fingerprint()["image_longest_edge"] == 32 and small.fingerprint()["image_splitting"] is False
     assert full.fingerprint()["image_longest_edge"] == 128 and full.fingerprint()["image_splitting"] is True
 
@@ -84,7 +85,7 @@ def test_image_prompt_layout():
 def test_text_only_prompt(checkpoint):
     ours = SmolVLMPreprocessor.from_pretrained(checkpoint)
     theirs = hf_processor(checkpoint)
-    sample = ours.process(None, "Hello there")
+    sample = ours.process(None, ["Hello there"])
     expected = theirs(text=[chat_prompt(theirs, "Hello there", with_image=False)])["input_ids"][0]
     assert sample.input_ids.tolist() == expected and sample.tiles is None
 
@@ -163,15 +164,15 @@ def bomb_png() -> bytes:
 )
 def test_bad_images_become_error_rows(checkpoint, data, reason):
     preprocessor = SmolVLMPreprocessor.from_pretrained(checkpoint)
-    sample = preprocessor.process(data, "Describe this image.")
+    sample = preprocessor.process(data, ["Describe this image."])
     assert sample.error is not None and reason in sample.error
     assert "\n" not in sample.error
-    assert sample.input_ids is None and sample.tiles is None
+    assert sample.prompt_ids == () and sample.tiles is None
     with pytest.raises(ImageError):
         preprocessor.process_image(data)
 
 
 def test_pixel_limit_is_configurable(checkpoint):
     strict = SmolVLMPreprocessor.from_pretrained(checkpoint, max_image_pixels=1000)
-    assert "over the limit of 1000" in strict.process(encoded(random_image(40, 30)), "Hi").error
-    assert strict.process(encoded(random_image(30, 30)), "Hi").error is None
+    assert "over the limit of 1000" in strict.process(encoded(random_image(40, 30)), ["Hi"]).error
+    assert strict.process(encoded(random_image(30, 30)), ["Hi"]).error is None

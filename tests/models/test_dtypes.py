@@ -34,7 +34,7 @@ def hf_continuations(checkpoint):
             sequence = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
             logits = model(input_ids=sequence, pixel_values=inputs["pixel_values"],
                            pixel_attention_mask=inputs["pixel_attention_mask"]).logits[0, prompt_len - 1 : -1]
-        sample = preprocessor.process(image, PROMPT)
+        sample = preprocessor.process(image, [PROMPT])
         assert sample.input_ids.tolist() == inputs["input_ids"][0].tolist()
         rows.append((torch.from_numpy(sample.tiles), sequence, logits, prompt_len))
     return rows

@@ -124,9 +124,9 @@ def edit_json(path, edit):
                 d / "processor_config.json",
                 lambda c: c.update(video_processor={"fps": 2, "num_frames": 64, "size": {"longest_edge": 128}}),
             ),
-            "the video sampling is VideoSampling(fps=1, max_frames=64, longest_edge=128, tile_size=32) in "
+            "the video sampling is VideoSampling(fps=1, max_frames=64, longest_edge=128, tile_size=32, resample=1) in "
             "preprocessor_config.json (video_sampling) but VideoSampling(fps=2, max_frames=64, longest_edge=128, "
-            "tile_size=364) in processor_config.json (video_processor)",
+            "tile_size=364, resample=1) in processor_config.json (video_processor)",
         ),
         (
             lambda d: edit_json(
