@@ -1,13 +1,20 @@
 """The commit stage: a shard's rows become one Parquet file, written atomically, then its checkpoint.
 
-It is the streaming sink of the job: caption rows arrive in any order and interleaved across shards;
-a shard is committed the moment its last sample arrives (rows carry the shard's sample count), so
-the output grows shard by shard while the job runs and a crash loses only the shards in flight.
+It is the streaming sink of the job: caption rows arrive in any order and interleaved across shards, and
+each shard's end-of-shard marker (a row whose ``key`` is null) arrives among them with the shard's sample
+count, or -1 when the shard could not be read. A shard is complete once its marker and all its rows are in;
+it is then handed to a small pool of writer threads, so that the loop pulling results does not wait on
+storage while a writer is free (``add`` blocks only when every writer is busy and the queue is full).
+Each writer puts the Parquet file, then the checkpoint, and retries a failed put with backoff; so the output
+grows shard by shard while the job runs and a crash loses only the shards in flight.
 """
 
 import io
 import logging
+import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -15,7 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import join, list_names, write_atomic, write_json
+from pipeline.storage import join, json_bytes, list_names, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +63,32 @@ def parquet_bytes(rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a failed put is tried again, and how long to wait before each new try."""
+
+    attempts: int = 5
+    first_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    def delay(self, failed_attempts: int) -> float:
+        # full jitter: writers that failed together (a throttled store) do not all come back together
+        return random.uniform(0, min(self.max_delay_s, self.first_delay_s * 2 ** (failed_attempts - 1)))
+
+
+class _CommitsStopped(Exception):
+    """``before_commit`` refused a write (the output lease was lost): no shard may be written any more.
+    Its error is the cause."""
+
+
 @dataclass
 class _OpenShard:
-    size: int
     first_seen: float
+    size: Optional[int] = None  # known once the end-of-shard marker has arrived
     rows: dict = field(default_factory=dict)  # index -> output row (a retried task cannot duplicate one)
     replicas: set = field(default_factory=set)
 
@@ -72,44 +101,92 @@ class CommitStats:
     error_rows: int = 0
     generated_tokens: int = 0
     first_commit_at: Optional[float] = None  # time.time() of the first commit: the end of the start-up
+    write_retries: int = 0
 
 
 class ShardCommitter:
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, before_commit: Callable[[], None] = lambda: None):
-        """``before_commit`` raises to stop the run from writing (the output lease was lost)."""
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        before_commit: Callable[[], None] = lambda: None,
+        writers: int = 8,
+        queued: int = 8,
+        retry: RetryPolicy = RetryPolicy(),
+    ):
+        """``before_commit`` runs (on a writer thread) before every put of a shard's files, and raises to stop
+        the run from writing (the output lease was lost). ``writers`` shards are written at a time and up to
+        ``queued`` more wait for a writer; beyond that ``add`` waits."""
         self.fs = fs
         self.root = root
         self.before_commit = before_commit
+        self.retry = retry
         self.open: dict[str, _OpenShard] = {}
-        self.committed: set[str] = set()
+        self.closed: set[str] = set()  # handed to a writer, or failed: rows that still come are duplicates
         self.stats = CommitStats()
+        self._lock = threading.Lock()  # guards stats and the stop reason, which writer threads update
+        self._stopped_by: Optional[BaseException] = None
+        self._slots = threading.BoundedSemaphore(writers + queued)
+        self._writers = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="shard-writer")
+
+    def __enter__(self) -> "ShardCommitter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def add(self, batch: pa.Table) -> None:
-        for row in batch.to_pylist():
-            shard_id = row["shard_id"]
-            if row["shard_size"] < 0:
-                self.stats.failed[shard_id] = row["error"]
-                logger.error("shard %s failed: %s", shard_id, row["error"])
-                continue
-            if shard_id in self.committed:  # a retried task's late duplicate: the shard is already on disk
-                continue
-            shard = self.open.setdefault(shard_id, _OpenShard(row["shard_size"], time.time()))
-            if row["key"] is not None:
-                shard.rows[row["index"]] = {name: row[name] for name in OUTPUT_SCHEMA.names}
-                shard.replicas.add(row["replica"])
-            if len(shard.rows) == shard.size:
-                self._commit(shard_id, self.open.pop(shard_id))
+        """Take a batch of caption rows and end-of-shard markers; hand each completed shard to a writer.
 
-    def _commit(self, shard_id: str, shard: _OpenShard) -> None:
+        Raises ``before_commit``'s error once it has refused a write: the run should stop."""
+        self._raise_if_stopped()
+        for row in batch.to_pylist():
+            self._add_row(row)
+
+    def close(self) -> CommitStats:
+        """Wait until every shard handed to a writer is written or has failed; report; return the stats.
+
+        Raises ``before_commit``'s error if it refused a write."""
+        self._writers.shutdown(wait=True)
+        logger.info(
+            "commits finished: %d shards committed, %d failed, %d incomplete (rows or end marker missing)",
+            len(self.stats.committed), len(self.stats.failed), len(self.open),
+        )
+        self._raise_if_stopped()
+        return self.stats
+
+    def _add_row(self, row: dict) -> None:
+        shard_id = row["shard_id"]
+        if shard_id in self.closed:  # a retried task's late duplicate, or a row of a shard that failed
+            return
+        shard = self.open.setdefault(shard_id, _OpenShard(time.time()))
+        if row["key"] is None:
+            if row["shard_size"] < 0:
+                self.open.pop(shard_id)  # rows it sent before it failed: nothing partial is committed
+                self.closed.add(shard_id)
+                self._record_failure(shard_id, row["error"])
+                return
+            shard.size = row["shard_size"]
+        else:
+            shard.rows[row["index"]] = {name: row[name] for name in OUTPUT_SCHEMA.names}
+            shard.replicas.add(row["replica"])
+        if len(shard.rows) == shard.size:
+            self.closed.add(shard_id)
+            self._hand_to_writer(shard_id, self.open.pop(shard_id))
+
+    def _hand_to_writer(self, shard_id: str, shard: _OpenShard) -> None:
+        self._slots.acquire()  # backpressure: waits only while every writer is busy and the queue is full
+        written = self._writers.submit(self._write_shard, shard_id, shard)
+        written.add_done_callback(lambda _: self._slots.release())
+
+    def _write_shard(self, shard_id: str, shard: _OpenShard) -> None:
+        """On a writer thread: the Parquet file, then the checkpoint; committed only when both are written."""
         rows = [shard.rows[index] for index in sorted(shard.rows)]
-        self.before_commit()
-        write_atomic(self.fs, shard_file(self.root, shard_id), parquet_bytes(rows))
         errors = sum(row["error"] is not None for row in rows)
         tokens = sum(row["num_generated_tokens"] or 0 for row in rows)
-        write_json(
-            self.fs,
-            checkpoint_file(self.root, shard_id),
-            {
+        try:
+            self._put(shard_file(self.root, shard_id), parquet_bytes(rows))
+            checkpoint = {
                 "shard_id": shard_id,
                 "rows": len(rows),
                 "error_rows": errors,
@@ -117,13 +194,57 @@ class ShardCommitter:
                 "seconds": round(time.time() - shard.first_seen, 3),
                 "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "replicas": sorted(shard.replicas),
-            },
-        )
-        self.committed.add(shard_id)
-        self.stats.committed.append(shard_id)
-        if self.stats.first_commit_at is None:
-            self.stats.first_commit_at = time.time()
-        self.stats.rows += len(rows)
-        self.stats.error_rows += errors
-        self.stats.generated_tokens += tokens
-        logger.info("committed shard %s: %d rows, %d errors", shard_id, len(rows), errors)
+            }
+            self._put(checkpoint_file(self.root, shard_id), json_bytes(checkpoint))
+        except _CommitsStopped as stopped:
+            self._record_stop(shard_id, stopped.__cause__)
+            return
+        except Exception as error:  # every attempt failed (or the rows do not fit the schema)
+            self._record_failure(shard_id, _one_line(error))
+            return
+        self._record_commit(shard_id, len(rows), errors, tokens)
+
+    def _put(self, path: str, data: bytes) -> None:
+        """Write a whole file atomically, after ``before_commit``; a failed write is tried again with backoff."""
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                self.before_commit()
+            except Exception as error:
+                raise _CommitsStopped() from error
+            try:
+                write_atomic(self.fs, path, data)
+                return
+            except Exception as error:  # throttled, dropped, timed out: object stores fail transiently
+                if attempt == self.retry.attempts:
+                    raise OSError(f"could not write {path} in {attempt} attempts: {_one_line(error)}") from error
+                with self._lock:
+                    self.stats.write_retries += 1
+                logger.warning("writing %s failed (attempt %d of %d), retrying: %s", path, attempt,
+                               self.retry.attempts, _one_line(error))
+                time.sleep(self.retry.delay(attempt))
+
+    def _record_commit(self, shard_id: str, rows: int, errors: int, tokens: int) -> None:
+        with self._lock:
+            self.stats.committed.append(shard_id)
+            if self.stats.first_commit_at is None:
+                self.stats.first_commit_at = time.time()
+            self.stats.rows += rows
+            self.stats.error_rows += errors
+            self.stats.generated_tokens += tokens
+        logger.info("committed shard %s: %d rows, %d errors", shard_id, rows, errors)
+
+    def _record_failure(self, shard_id: str, reason: str) -> None:
+        with self._lock:
+            self.stats.failed[shard_id] = reason
+        logger.error("shard %s failed: %s", shard_id, reason)
+
+    def _record_stop(self, shard_id: str, error: BaseException) -> None:
+        with self._lock:
+            self._stopped_by = self._stopped_by or error
+        self._record_failure(shard_id, str(error))
+
+    def _raise_if_stopped(self) -> None:
+        with self._lock:
+            stopped = self._stopped_by
+        if stopped is not None:
+            raise stopped

@@ -1,15 +1,23 @@
-"""Shards: discovery under an fsspec URL and reading one shard into samples.
+"""Shards: discovery under an fsspec URL, and reading one shard as a stream of bounded row batches.
 
 A shard is the unit of work and of checkpointing:
-  * a WebDataset ``.tar`` (files grouped into samples by key: the name up to its first dot),
+  * a WebDataset ``.tar`` (adjacent files sharing a key, the name up to its first dot, are one sample),
   * a Parquet file with an image-bytes column,
-  * a folder of loose images (its direct children).
+  * a folder of loose images or video clips (its direct children).
+
+The read stage's rows (``SHARD_ROW_SCHEMA``), in batches of at most ``batch_rows`` rows / about ``batch_bytes``:
+  * a sample row: ``shard_id``, ``index`` (position in the shard), ``key``, ``image`` (the media file's bytes),
+    ``error`` (why the sample has no image; else null), ``shard_size`` null;
+  * then exactly one end-of-shard marker: ``key`` null, ``index`` -1, ``image`` null, and ``shard_size`` the
+    number of samples (0 for an empty shard), or -1 with ``error`` set when the shard could not be read, also
+    when that happened halfway: the commit stage then drops the rows it already got.
+Memory per read task is a few batches, whatever the size of the shard.
 """
 
 import posixpath
 import tarfile
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 from urllib.parse import quote
 
 import fsspec
@@ -17,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS  # a video's bytes travel in the ``image`` field too
 KEY_COLUMN_CANDIDATES = ("key", "__key__", "id", "image_id", "filename", "file_name", "path", "name")
 # images directly in --input: "." quoted by hand (quote() never produces it, so no real folder collides)
 ROOT_FOLDER_SHARD_ID = "%2E"
@@ -32,7 +42,7 @@ class Shard:
 @dataclass
 class Sample:
     key: str
-    image: Optional[bytes]
+    image: Optional[bytes]  # an image's or a video's bytes
     error: Optional[str] = None  # a sample that has no image gets an error row
 
 
@@ -83,7 +93,7 @@ def discover_shards(fs: fsspec.AbstractFileSystem, path: str, exclude: Optional[
             shard = Shard(shard_id_for(relative), fs.unstrip_protocol(file), "webdataset")
         elif extension == "parquet":
             shard = Shard(shard_id_for(relative), fs.unstrip_protocol(file), "parquet")
-        elif extension in IMAGE_EXTENSIONS:
+        elif extension in MEDIA_EXTENSIONS:
             folder = posixpath.dirname(relative)
             shard = Shard(shard_id_for(folder), fs.unstrip_protocol(posixpath.dirname(file)), "folder")
         else:
@@ -92,45 +102,73 @@ def discover_shards(fs: fsspec.AbstractFileSystem, path: str, exclude: Optional[
     return sorted(shards.values(), key=lambda s: s.shard_id)
 
 
-def read_shard(shard: Shard, storage_options: dict, image_column=None, key_column=None) -> list[Sample]:
+# ---------------------------------------------------------------------------------------------
+# Reading one shard: samples as a stream, never the whole shard in memory
+
+# fsspec read-ahead while streaming a shard (s3fs would buffer 50 MiB per open file otherwise)
+STREAM_BLOCK_SIZE = 8 << 20
+# rows taken from a Parquet file at a time; pyarrow decodes a whole row group anyway, and larger slices than
+# this cost memory when they span row groups (measured: 20 MB row groups, slices of 64 rows doubled the peak)
+PARQUET_READ_ROWS = 8
+FOLDER_READ_FILES = 16  # loose files fetched together (s3fs fetches them concurrently)
+
+
+def iter_samples(shard: Shard, storage_options: dict, image_column=None, key_column=None) -> Iterator[Sample]:
+    """The shard's samples in order, read as they are needed. Raises ShardReadError, also halfway through."""
     try:
         fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
-        if shard.format == "webdataset":
-            return list(_read_webdataset(fs, path))
-        if shard.format == "parquet":
-            return _read_parquet(fs, path, image_column, key_column)
-        return _read_folder(fs, path)
+        yield from SAMPLE_READERS[shard.format](fs, path, image_column, key_column)
     except ShardReadError:
         raise
     except Exception as error:  # corrupt tar, unreadable Parquet, vanished object: the whole shard fails
         raise ShardReadError(f"cannot read shard {shard.url}: {' '.join(str(error).split()) or type(error).__name__}") from None
 
 
-def _read_webdataset(fs, path: str) -> Iterator[Sample]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
+def _webdataset_name(member: tarfile.TarInfo) -> Optional[tuple[str, str]]:
+    """``(key, extension)`` of a sample file: ``dir/abc.seg.png`` -> ``("dir/abc", "seg.png")``; None for others."""
+    directory, name = posixpath.split(member.name)
+    if not member.isfile() or name.startswith(".") or "." not in name:
+        return None
+    stem, extension = name.split(".", 1)
+    return posixpath.join(directory, stem), extension.lower()
+
+
+def _webdataset_sample(key: str, media: Optional[bytes], other_extensions: set) -> Sample:
+    if media is not None:
+        return Sample(key, media)
+    return Sample(key, None, f"sample has no image file ({', '.join(sorted(other_extensions))})")
+
+
+def _read_webdataset(fs, path: str, image_column, key_column) -> Iterator[Sample]:
+    """A sample is complete when the next key starts (WebDataset writes a sample's files adjacently)."""
+    with fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
+        key, media, others = None, None, set()
         for member in archive:
-            if not member.isfile():
+            archive.members = []  # a streamed TarFile keeps every header it has seen: millions in a large shard
+            name = _webdataset_name(member)
+            if name is None:
                 continue
-            directory, name = posixpath.split(member.name)
-            if name.startswith(".") or "." not in name:
-                continue
-            stem, extension = name.split(".", 1)
-            files = samples.setdefault(posixpath.join(directory, stem), {})
-            if extension.lower() in IMAGE_EXTENSIONS:  # only image bytes are kept: sibling files cost memory
-                files[extension.lower()] = archive.extractfile(member).read()
+            if name[0] != key:
+                if key is not None:
+                    yield _webdataset_sample(key, media, others)
+                key, media, others = name[0], None, set()
+            if media is None and name[1] in MEDIA_EXTENSIONS:  # the first media file; siblings are skipped unread
+                media = archive.extractfile(member).read()
             else:
-                files.setdefault(extension.lower(), b"")
-    for key, files in samples.items():
-        image = next((files[ext] for ext in files if ext in IMAGE_EXTENSIONS), None)
-        error = None if image is not None else f"sample has no image file ({', '.join(sorted(files))})"
-        yield Sample(key, image, error)
+                others.add(name[1])
+        if key is not None:
+            yield _webdataset_sample(key, media, others)
 
 
-def _read_folder(fs, path: str) -> list[Sample]:
-    files = sorted(f for f in fs.ls(path, detail=False) if _extension(f) in IMAGE_EXTENSIONS)
-    contents = fs.cat(files) if files else {}
-    return [Sample(posixpath.basename(f), contents[f]) for f in files]
+def _read_folder(fs, path: str, image_column, key_column) -> Iterator[Sample]:
+    files = sorted(
+        f for f in fs.ls(path, detail=False) if _extension(f) in MEDIA_EXTENSIONS and not _hidden(posixpath.basename(f))
+    )
+    for start in range(0, len(files), FOLDER_READ_FILES):
+        chunk = files[start : start + FOLDER_READ_FILES]
+        contents = fs.cat(chunk)
+        for file in chunk:
+            yield Sample(posixpath.basename(file), contents[file])
 
 
 def _image_column(schema: pa.Schema, requested: Optional[str], path: str) -> str:
@@ -154,46 +192,95 @@ def _key_column(schema: pa.Schema, requested: Optional[str], path: str) -> Optio
     return next((name for name in KEY_COLUMN_CANDIDATES if name in schema.names), None)
 
 
-def _read_parquet(fs, path: str, image_column, key_column) -> list[Sample]:
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+def _read_parquet(fs, path: str, image_column, key_column) -> Iterator[Sample]:
+    with fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE) as handle:
+        # pyarrow's default pre_buffer reads every row group ahead, the whole file; without it a read task holds
+        # about one row group (decoded) plus buffered column chunks
+        parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=STREAM_BLOCK_SIZE)
         schema = parquet.schema_arrow
         image_name = _image_column(schema, image_column, path)
         key_name = _key_column(schema, key_column, path)
-        table = parquet.read(columns=[image_name] + ([key_name] if key_name and key_name != image_name else []))
-    images = table.column(image_name)
-    if pa.types.is_struct(images.type):
-        images = images.combine_chunks().field("bytes")
-    images = images.to_pylist()
-    keys = [str(k) for k in table.column(key_name).to_pylist()] if key_name else None
-    width = len(str(max(len(images) - 1, 0)))
-    samples = []
-    for index, image in enumerate(images):
-        key = keys[index] if keys else str(index).zfill(width)
-        samples.append(Sample(key, image, None if image else "empty image cell"))
-    return samples
+        columns = [image_name] + ([key_name] if key_name and key_name != image_name else [])
+        width = len(str(max(parquet.metadata.num_rows - 1, 0)))  # keys without a key column: zero-padded indices
+        index = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_READ_ROWS, columns=columns):
+            images = batch.column(image_name)
+            if pa.types.is_struct(images.type):
+                images = images.field("bytes")
+            keys = [str(k) for k in batch.column(key_name).to_pylist()] if key_name else None
+            for offset in range(batch.num_rows):
+                image = images[offset].as_py()
+                yield Sample(keys[offset] if keys else str(index).zfill(width), image, None if image else "empty image cell")
+                index += 1
+
+
+SAMPLE_READERS: dict[str, Callable[..., Iterator[Sample]]] = {
+    "webdataset": _read_webdataset,
+    "parquet": _read_parquet,
+    "folder": _read_folder,
+}
 
 
 # ---------------------------------------------------------------------------------------------
-# As a Ray Data stage: one read task per shard, rows carry the shard's sample count
+# As a Ray Data stage: one read task per shard, its rows leave in bounded batches, an end-of-shard marker last
+
+SHARD_ROW_SCHEMA = pa.schema(
+    [
+        ("shard_id", pa.string()),
+        ("shard_size", pa.int64()),  # null on sample rows; the marker's sample count, or -1: the shard failed
+        ("index", pa.int64()),  # position in the shard; -1 on the marker
+        ("key", pa.string()),  # null on the marker (the stages downstream pass such rows through)
+        ("image", pa.large_binary()),  # 64-bit offsets: a batch of video clips may pass 2 GiB
+        ("error", pa.string()),
+    ]
+)
+DEFAULT_BATCH_ROWS = 32
+# the job sets Ray's DataContext.target_max_block_size to this too: a batch cut for its bytes is a block of its
+# own, smaller batches are sent on together once they reach it; with Ray's default (128 MiB) they would wait
+DEFAULT_BATCH_BYTES = 16 << 20
 
 
 def shard_items(shards: list[Shard]) -> list[dict]:
     return [asdict(shard) for shard in shards]
 
 
-def read_shard_rows(item: dict, storage_options: dict, image_column=None, key_column=None) -> list[dict]:
-    """One shard -> its sample rows. An empty or unreadable shard gives one marker row (``key`` None), so the
-    commit stage still learns about it."""
+def end_of_shard(shard_id: str, shard_size: int, error: Optional[str] = None) -> dict:
+    return {"shard_id": shard_id, "shard_size": shard_size, "index": -1, "key": None, "image": None, "error": error}
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SHARD_ROW_SCHEMA)
+
+
+def read_shard_batches(
+    item: dict,
+    storage_options: dict,
+    image_column: Optional[str] = None,
+    key_column: Optional[str] = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+) -> Iterator[pa.Table]:
+    """One shard (a ``shard_items`` entry) -> tables of at most ``batch_rows`` sample rows, each sent on once
+    it holds ``batch_rows`` rows or ``batch_bytes`` of media, the end-of-shard marker in the last one."""
     shard = Shard(**item)
-    marker = {"shard_id": shard.shard_id, "index": -1, "key": None, "image": None}
+    rows, rows_bytes, count = [], 0, 0
     try:
-        samples = read_shard(shard, storage_options, image_column, key_column)
-    except ShardReadError as error:
-        return [{**marker, "shard_size": -1, "error": str(error)}]
-    if not samples:
-        return [{**marker, "shard_size": 0, "error": None}]
-    return [
-        {"shard_id": shard.shard_id, "shard_size": len(samples), "index": i, "key": s.key, "image": s.image, "error": s.error}
-        for i, s in enumerate(samples)
-    ]
+        for sample in iter_samples(shard, storage_options, image_column, key_column):
+            rows.append({"shard_id": shard.shard_id, "shard_size": None, "index": count, "key": sample.key,
+                         "image": sample.image, "error": sample.error})
+            count += 1
+            rows_bytes += len(sample.image or b"")
+            if len(rows) == batch_rows or rows_bytes >= batch_bytes:
+                yield _table(rows)
+                rows, rows_bytes = [], 0
+    except ShardReadError as error:  # the rows sent so far are dropped by the commit stage
+        yield _table([end_of_shard(shard.shard_id, -1, str(error))])
+        return
+    yield _table(rows + [end_of_shard(shard.shard_id, count)])
+
+
+def read_shards(items: pa.Table, **options) -> Iterator[pa.Table]:
+    """``read_shard_batches`` for ``Dataset.map_batches`` (which hands over a batch of ``shard_items``):
+    its shards one after another, every table yielded as it is made."""
+    for item in items.to_pylist():
+        yield from read_shard_batches(item, **options)

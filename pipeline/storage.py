@@ -42,8 +42,12 @@ def write_temporary_beside(path: str, data: bytes) -> str:
     return temporary
 
 
+def json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(fs: fsspec.AbstractFileSystem, path: str, value: Any) -> None:
-    write_atomic(fs, path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(fs, path, json_bytes(value))
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
