@@ -6,7 +6,6 @@ read (one task per shard) -> preprocess (CPU tasks) -> caption (fixed actor pool
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -18,15 +17,14 @@ from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint
 from fms_smolvlm.processing import SmolVLMPreprocessor
 from pipeline.commit import CHECKPOINTS_DIR, SHARDS_DIR, ShardCommitter, committed_shards
 from pipeline.lease import LeaseHeldError, OutputLease
-from pipeline.sources import Shard, discover_shards, read_shard_rows, shard_items
-from pipeline.stages import CaptionActor, preprocess_batch
+from pipeline.sources import DEFAULT_BATCH_BYTES, Shard, discover_shards, read_shards, shard_items
+from pipeline.stages import BATCHES_IN_FLIGHT, CaptionActor, preprocess_batch
 from pipeline.storage import join, read_json, resolve, write_json
 
 logger = logging.getLogger("caption_dataset")
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
-FAULT_ENV = "CAPTION_FAULT_AFTER_BATCHES"  # crash-recovery tests: make each replica fail after N batches
 
 
 class JobError(Exception):
@@ -106,10 +104,12 @@ def _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, revis
     if pending:
         logger.info("%d shards pending, %d already done; %s", len(pending), len(done), resources)
         try:
-            dataset = build_dataset(args, pending, resources, revision)
-            # no prefetch: a shard's last rows reach the commit as soon as they exist, also when the run then fails
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-                committer.add(batch)
+            # leaving the block waits for the shards being written; it raises if the lease stopped the writes
+            with committer:
+                dataset = build_dataset(args, pending, resources, revision)
+                # no prefetch: a shard's last rows reach the commit as soon as they exist, also when the run fails
+                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+                    committer.add(batch)
         except Exception as error:  # a replica died, the lease was lost: committed shards stay committed
             failure = one_line(error)
     else:
@@ -247,13 +247,21 @@ def _remove_results(fs, root: str) -> None:
 def build_dataset(args, pending: list[Shard], resources: Resources, revision: Optional[str]):
     import ray
 
-    fail_after = os.environ.get(FAULT_ENV)
+    # a read task sends its rows on in blocks of this size while it reads (Ray's default would hold 128 MiB)
+    ray.data.DataContext.get_current().target_max_block_size = DEFAULT_BATCH_BYTES
     dataset = ray.data.from_items(shard_items(pending), override_num_blocks=len(pending))
-    dataset = dataset.flat_map(
-        read_shard_rows,
+    dataset = dataset.map_batches(
+        read_shards,
+        batch_size=1,
+        batch_format="pyarrow",
         # a few shards read at a time: they complete (and commit) in order instead of all at the end
         compute=ray.data.TaskPoolStrategy(size=2 * resources.replicas),
-        fn_kwargs={"storage_options": args.storage_options, "image_column": args.image_column, "key_column": args.key_column},
+        fn_kwargs={
+            "storage_options": args.storage_options,
+            "image_column": args.image_column,
+            "key_column": args.key_column,
+            "batch_rows": resources.batch_size,
+        },
     )
     dataset = dataset.map_batches(
         preprocess_batch,
@@ -278,7 +286,12 @@ def build_dataset(args, pending: list[Shard], resources: Resources, revision: Op
         CaptionActor,
         batch_format="pyarrow",
         batch_size=resources.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=resources.replicas),  # fixed pool, all replicas started up front
+        # a fixed pool, all replicas started up front; each serves several batches at once (an async UDF)
+        compute=ray.data.ActorPoolStrategy(
+            size=resources.replicas,
+            max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
+            max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
+        ),
         num_gpus=1 if resources.device == "cuda" else 0,
         fn_constructor_kwargs={
             "model": args.model,
@@ -289,7 +302,6 @@ def build_dataset(args, pending: list[Shard], resources: Resources, revision: Op
             "dtype": resources.dtype,
             "compile": resources.compile,
             "cpu_threads": cpu_threads if resources.device == "cpu" else None,
-            "fail_after_batches": int(fail_after) if fail_after else None,
         },
     )
 

@@ -4,6 +4,7 @@ Rows flow as Arrow tables with explicit schemas. A row whose ``key`` is null is 
 empty or unreadable shard) that passes through untouched so the commit stage learns about the shard.
 """
 
+import asyncio
 import os
 import socket
 from functools import lru_cache
@@ -65,7 +66,7 @@ def preprocess_batch(
         columns["error"].append(sample.error)
         columns["width"].append(sample.width)
         columns["height"].append(sample.height)
-        ok = sample.error is None and sample.input_ids is not None
+        ok = sample.error is None and bool(sample.prompt_ids)
         columns["input_ids"].append(sample.input_ids.astype(np.int32).tobytes() if ok else None)
         columns["tiles"].append(sample.tiles.tobytes() if ok else None)
         columns["num_tiles"].append(sample.num_tiles if ok else None)
@@ -74,12 +75,21 @@ def preprocess_batch(
 
 def _preprocess_row(preprocessor: SmolVLMPreprocessor, row: dict, prompt: str) -> ProcessedSample:
     if row["key"] is None or row["error"] is not None:  # a shard marker, or a sample the reader found no image in
-        return ProcessedSample(None, None, error=row["error"])
-    return preprocessor.process(row["image"], prompt)
+        return ProcessedSample((), None, error=row["error"])
+    return preprocessor.process(row["image"], [prompt])
+
+
+# Ray Data batches a replica holds at once: while one waits for its last caption, the others keep the slots full
+BATCHES_IN_FLIGHT = 3
 
 
 class CaptionActor:
-    """One model replica. Loads (and compiles, and warms up) once; then captions batch after batch."""
+    """One model replica: loads (and compiles, and warms up) once, then serves several Ray Data batches at a time.
+
+    ``__call__`` is a coroutine: every batch in flight submits its rows to the replica's one engine loop (a thread
+    that decodes continuously), and comes back when its last row is captioned. Turning Arrow rows into requests
+    happens while the engine decodes other batches' rows.
+    """
 
     def __init__(
         self,
@@ -91,11 +101,11 @@ class CaptionActor:
         dtype: str,
         compile: bool,
         cpu_threads: Optional[int] = None,
-        fail_after_batches: Optional[int] = None,
     ):
         import torch
 
         from fms_smolvlm import Captioner
+        from fms_smolvlm.generation import BackgroundEngine, SamplingParams
 
         if cpu_threads:  # Ray limits a 1-CPU worker to one thread; a CPU replica should use its share of the node
             torch.set_num_threads(cpu_threads)
@@ -103,20 +113,17 @@ class CaptionActor:
             model, device=device, dtype=dtype, compile=compile, max_batch_size=batch_size, warmup=compile,
             revision=revision,
         )
-        self.max_new_tokens = max_new_tokens
+        self.engine = BackgroundEngine(self.captioner.engine)
+        self.params = SamplingParams(max_new_tokens)
         self.tile_size = self.captioner.preprocessor.settings.tile_size
-        # fault injection for the crash-recovery tests: raise after this many batches
-        self.fail_after_batches = fail_after_batches
-        self.batches = 0
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{self.captioner.engine.device}"
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        self.batches += 1
-        if self.fail_after_batches is not None and self.batches > self.fail_after_batches:
-            raise RuntimeError(f"injected failure after {self.fail_after_batches} batches (pid {os.getpid()})")
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         samples = [self._sample(row) for row in rows if row["key"] is not None]
-        results = iter(self.captioner.generate_processed(samples, [0] * len(samples), self.max_new_tokens))
+        requests = self.captioner.requests(samples, [0] * len(samples), [self.params] * len(samples))
+        generations = await asyncio.gather(*(self._generate(request) for request in requests))
+        results = iter(self.captioner.result(s, g) for s, g in zip(samples, generations))
         columns = {name: [] for name in CAPTION_SCHEMA.names}
         for row in rows:
             # shard markers pass through: they tell the commit stage about empty or unreadable shards
@@ -131,9 +138,15 @@ class CaptionActor:
             columns["replica"].append(self.replica)
         return pa.table(columns, schema=CAPTION_SCHEMA)
 
+    async def _generate(self, request):
+        """The request's generation; None for a sample without one (its error row needs none)."""
+        if request is None:
+            return None
+        return (await asyncio.wrap_future(self.engine.submit(request)))[0]
+
     def _sample(self, row: dict) -> ProcessedSample:
         if row["error"] is not None:
-            return ProcessedSample(None, None, error=row["error"])
+            return ProcessedSample((), None, error=row["error"])
         ids = np.frombuffer(row["input_ids"], dtype=np.int32).astype(np.int64)
         tiles = np.frombuffer(row["tiles"], dtype=np.uint8).reshape(row["num_tiles"], 3, self.tile_size, self.tile_size)
-        return ProcessedSample(ids, tiles, row["width"], row["height"])
+        return ProcessedSample((ids,), tiles, row["width"], row["height"])

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.testing import sample_images
+from tests.pipeline.faults import FAULTS_FILE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_SCRIPT = REPO / "jobs" / "caption_dataset.py"
@@ -21,13 +22,36 @@ caption_dataset = _load_job_module()
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray instance for the in-process job runs (the job joins it instead of starting its own)."""
+def faults_file(tmp_path_factory):
+    """Where a test names the shards a replica must fail on (tests/pipeline/faults.py)."""
+    return tmp_path_factory.mktemp("faults") / "shards"
+
+
+@pytest.fixture(scope="session")
+def ray_local(faults_file):
+    """One real local Ray instance for the in-process job runs (the job joins it instead of starting its own);
+    its workers carry the test fault injection, idle until a test writes ``faults_file``."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    runtime_env = {
+        "worker_process_setup_hook": "tests.pipeline.faults.install",
+        # the hook lives in tests/, which is not installed: workers import it from the checkout
+        "env_vars": {FAULTS_FILE_ENV: str(faults_file), "PYTHONPATH": str(REPO)},
+    }
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def fail_on_shards(faults_file):
+    """``fail_on_shards("part-00005.tar")`` (or ``"*"``): replicas fail on those shards until the test ends."""
+
+    def set_faults(*shard_ids: str) -> None:
+        faults_file.write_text("\n".join(shard_ids))
+
+    yield set_faults
+    faults_file.unlink(missing_ok=True)
 
 
 @pytest.fixture
