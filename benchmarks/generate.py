@@ -1,14 +1,19 @@
-"""Batched generation: HF `generate` (eager, SDPA) vs this engine eager vs compiled, in one run.
+"""Generation: HF `generate` (eager, SDPA) vs this engine, in one run, on the same checkpoint, images and prompt.
 
-Same checkpoint (random weights, written here), same images, same prompt, and a fixed decode length: stop
-tokens are ignored on both sides so every row generates exactly --new-tokens tokens. Inputs are
-preprocessed once up front; the timings cover generation only.
+Two workloads (random weights; inputs are preprocessed once up front, timings cover generation only):
 
-    python benchmarks/generate.py --device cpu                      # a mid-size config that fits 2 cores
-    python benchmarks/generate.py --device cuda --config 256m --batch-size 32
-    python benchmarks/generate.py --device cuda --config 256m --batch-size 128 --images 256
+* fixed: every image generates exactly --new-tokens tokens (stop tokens ignored on both sides). Also prints the
+  decode step time beside its floor measured in the same run: a bare loop of the step's matmuls (the text layers'
+  weights and the KV cache read once at the same batch size).
+* mixed: caption lengths as real captions have them: per-image limits drawn (seeded) from a log-normal with
+  median 20 tokens, clipped to 3..96. HF `generate` runs each batch until its longest row is done; "static"
+  feeds this engine one batch at a time (finished rows leave, nothing joins: today's batching); "continuous"
+  gives it every request at once, so a freed slot takes the next request at the next sync.
 
-Prints images/s, generated tokens/s, prefill and decode time, peak memory and the ratio to HF.
+    python benchmarks/generate.py --device cpu                                   # cpu-mid config, batch 8 and 1
+    python benchmarks/generate.py --device cuda --config 256m --batch-sizes 32 128 --images 256
+
+Greedy tokens are compared with HF's on the fixed workload (they must be identical).
 """
 
 import argparse
@@ -16,16 +21,19 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fms_smolvlm import Captioner  # noqa: E402
+from fms_smolvlm.generation import Request, SamplingParams  # noqa: E402
 from fms_smolvlm.testing import write_random_checkpoint  # noqa: E402
 from pipeline.testing import synthetic_image  # noqa: E402
 
@@ -56,55 +64,37 @@ def published_config(variant: str) -> dict:
                 scale_factor=hf.scale_factor, longest_edge=PUBLISHED[variant])
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:  # Linux: resident pages are the second field
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def mixed_lengths(count: int, seed: int = 0) -> list[int]:
+    """Caption lengths: log-normal around a median of 20 tokens, clipped to 3..96."""
+    rng = np.random.default_rng(seed)
+    return [int(x) for x in np.clip(np.round(rng.lognormal(np.log(20), 0.8, count)), 3, 96)]
 
 
-class PeakMemory:
-    """Peak GPU memory, or peak process RSS on the CPU (sampled), above the level at start."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = self.peak = resident_bytes()
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.wait(0.005):
-                self.peak = max(self.peak, resident_bytes())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-        self.used = self.peak - self.base
-
-
-def timed(fn, device: torch.device) -> float:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
-def hf_runner(path: Path, images, batch_size: int, device: torch.device, dtype: torch.dtype):
+def timed(fn, device: torch.device, repeats: int = 1) -> float:
+    """The median wall time of ``fn()``."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@dataclass
+class Runner:
+    name: str
+    run: callable  # (limits) -> list of token lists
+
+
+def hf_runner(path: Path, images, batch_size: int, device: torch.device, dtype: torch.dtype) -> Runner:
+    """HF generate in batches; each batch decodes until its longest row is done (rows are cut afterwards)."""
     from transformers import AutoModelForImageTextToText, Idefics3Processor
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
@@ -120,86 +110,130 @@ def hf_runner(path: Path, images, batch_size: int, device: torch.device, dtype: 
                            padding=True)
         batches.append({k: v.to(device) for k, v in inputs.items()})
 
-    def run(new_tokens: int):
+    def run(limits):
+        tokens = []
         with torch.inference_mode():
-            for inputs in batches:
-                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               eos_token_id=None)
+            for index, inputs in enumerate(batches):
+                own = limits[index * batch_size : (index + 1) * batch_size]
+                out = model.generate(**inputs, max_new_tokens=max(own), min_new_tokens=max(own), do_sample=False,
+                                     eos_token_id=None)
+                new = out[:, inputs["input_ids"].shape[1] :].tolist()
+                tokens += [row[:limit] for row, limit in zip(new, own)]
+        return tokens
 
-    return run
+    return Runner("HF generate (eager, sdpa)", run)
 
 
-def engine_runner(path: Path, images, batch_size: int, device: torch.device, dtype: torch.dtype, compile: bool):
+def engine_runners(path: Path, images, batch_size: int, device: torch.device, dtype: torch.dtype, compile: bool):
     captioner = Captioner.from_pretrained(path, device=device.type, dtype=dtype, compile=compile,
                                           max_batch_size=batch_size)
-    captioner.engine.stop_ids = captioner.engine.stop_ids[:0]  # fixed decode length: never stop early
     samples = captioner.preprocess(images, PROMPT)
 
-    def run(new_tokens: int):
-        captioner.generate_processed(samples, [0] * len(samples), max_new_tokens=new_tokens)
+    def requests(limits):
+        return [Request((s.input_ids,), s.tiles, (SamplingParams(limit, ignore_eos=True),)) for s, limit in zip(samples, limits)]
 
-    return run
+    def continuous(limits):
+        return [g[0].token_ids for g in captioner.engine.generate(requests(limits))]
+
+    def static(limits):  # one batch at a time: the next batch waits for this one's longest row
+        all_requests = requests(limits)
+        return [g[0].token_ids for start in range(0, len(all_requests), batch_size)
+                for g in captioner.engine.generate(all_requests[start : start + batch_size])]
+
+    label = "compiled" if compile else "eager"
+    return Runner(f"engine {label}, static", static), Runner(f"engine {label}, continuous", continuous), captioner
 
 
-def measure(name: str, run, device: torch.device, new_tokens: int, images: int, repeats: int) -> dict:
-    compile_seconds = timed(lambda: (run(1), run(new_tokens)), device)  # warm-up: compiles every shape used
-    prefill = statistics.median(timed(lambda: run(1), device) for _ in range(repeats))
-    with PeakMemory(device) as memory:
-        total = statistics.median(timed(lambda: run(new_tokens), device) for _ in range(repeats))
-    return {
-        "name": name,
-        "warmup_s": compile_seconds,
-        "images_per_s": images / total,
-        "tokens_per_s": images * new_tokens / total,
-        "prefill_s": prefill,
-        "decode_s": total - prefill,
-        "total_s": total,
-        "peak_mb": memory.used / 2**20,
-    }
+def decode_floor(captioner: Captioner, batch: int, kv_len: int, device: torch.device) -> float:
+    """Seconds for one pass over the decode step's data at this batch: every linear weight of the text layers and
+    the head multiplied once, and a KV cache of ``kv_len`` positions read once by attention."""
+    model = captioner.model
+    text = model.config.text_config
+    weights = [m.weight for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    kv = text.kvheads or text.nheads
+    head_dim = text.emb_dim // text.nheads
+    cache = torch.zeros(batch, kv, kv_len, head_dim, dtype=model.dtype, device=device)
+    query = torch.zeros(batch, kv, 1, head_dim, dtype=model.dtype, device=device)
+
+    def step():
+        for weight in weights:
+            F.linear(torch.zeros(batch, weight.shape[1], dtype=model.dtype, device=device), weight)
+        for _ in range(text.nlayers):
+            F.scaled_dot_product_attention(query, cache, cache)
+
+    with torch.inference_mode():
+        step()
+        return timed(lambda: [step() for _ in range(20)], device, repeats=3) / 20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--config", choices=sorted(CONFIGS) + sorted(PUBLISHED), default=None, help="default: cpu-mid on cpu, 256m on cuda")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--images", type=int, default=None, help="default: 2 batches")
-    parser.add_argument("--new-tokens", type=int, default=64, help="the job's default --max-new-tokens")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
+    parser.add_argument("--images", type=int, default=None, help="default: 2 batches of the largest batch size")
+    parser.add_argument("--new-tokens", type=int, default=48, help="the fixed workload's tokens per image")
+    parser.add_argument("--workloads", nargs="+", choices=["fixed", "mixed"], default=["fixed", "mixed"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "eager", "compiled"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "eager"])
     args = parser.parse_args()
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config_name = args.config or ("256m" if device.type == "cuda" else "cpu-mid")
     config = CONFIGS[config_name] if config_name in CONFIGS else published_config(config_name)
-    n_images = args.images or 2 * args.batch_size
+    n_images = args.images or 2 * max(args.batch_sizes)
     images = [synthetic_image(*SIZES[i % len(SIZES)], seed=i) for i in range(n_images)]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(Path(tmp) / config_name, dtype=dtype, **config)
-        runners = {
-            "hf": lambda: hf_runner(path, images, args.batch_size, device, dtype),
-            "eager": lambda: engine_runner(path, images, args.batch_size, device, dtype, compile=False),
-            "compiled": lambda: engine_runner(path, images, args.batch_size, device, dtype, compile=True),
-        }
-        labels = {"hf": "HF generate (eager, sdpa)", "eager": "FMS engine, eager", "compiled": "FMS engine, compiled"}
-        results = [
-            measure(labels[key], build(), device, args.new_tokens, n_images, args.repeats)
-            for key, build in runners.items() if key not in args.skip
-        ]
+        for batch_size in args.batch_sizes:
+            print(f"\n== {config_name} config, {dtype}, {where}; {n_images} images, batch {batch_size}")
+            runners = [] if "hf" in args.skip else [hf_runner(path, images, batch_size, device, dtype)]
+            for compile in ([True] if "eager" in args.skip else [False, True]):
+                static, continuous, captioner = engine_runners(path, images, batch_size, device, dtype, compile)
+                runners += [static, continuous]
+            if "fixed" in args.workloads:
+                fixed(runners, captioner, args, batch_size, n_images, device)
+            if "mixed" in args.workloads:
+                mixed(runners, args, n_images, device)
 
-    hf_rate = next((r["images_per_s"] for r in results if r["name"].startswith("HF")), None)
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n{config_name} config, {dtype}, {where}; {n_images} images, batch {args.batch_size}, "
-          f"{args.new_tokens} new tokens per image (stop tokens ignored), median of {args.repeats}")
-    header = f"{'':26s}{'images/s':>10s}{'tokens/s':>10s}{'prefill s':>11s}{'decode s':>10s}{'peak MB':>9s}{'warm-up s':>11s}{'vs HF':>8s}"
-    print(header)
-    for r in results:
-        ratio = f"{r['images_per_s'] / hf_rate:.2f}x" if hf_rate else "-"
-        print(f"{r['name']:26s}{r['images_per_s']:10.2f}{r['tokens_per_s']:10.1f}{r['prefill_s']:11.2f}"
-              f"{r['decode_s']:10.2f}{r['peak_mb']:9.0f}{r['warmup_s']:11.1f}{ratio:>8s}")
+
+def fixed(runners, captioner, args, batch_size: int, n_images: int, device: torch.device) -> None:
+    """Exactly --new-tokens per image: images/s, the decode step time, and its floor."""
+    batches = -(-n_images // batch_size)
+    print(f"fixed: {args.new_tokens} new tokens per image (stop tokens ignored), median of {args.repeats}")
+    print(f"{'':30s}{'images/s':>10s}{'vs HF':>8s}{'step ms':>9s}{'floor ms':>10s}{'same tokens':>13s}")
+    reference, hf_rate = None, None
+    floor = decode_floor(captioner, batch_size, 384, device)
+    for runner in (r for r in runners if not r.name.endswith("static")):
+        limits = [args.new_tokens] * n_images
+        tokens = runner.run(limits)  # warm-up (compiles every shape used)
+        runner.run([1] * n_images)
+        total = timed(lambda: runner.run(limits), device, args.repeats)
+        first_token = timed(lambda: runner.run([1] * n_images), device, args.repeats)
+        step_ms = 1e3 * (total - first_token) / (batches * (args.new_tokens - 1))
+        reference = reference or tokens
+        rate = n_images / total
+        hf_rate = hf_rate or rate
+        same = sum(a == b for a, b in zip(tokens, reference))
+        print(f"{runner.name:30s}{rate:10.2f}{rate / hf_rate:7.2f}x{step_ms:9.1f}{floor * 1e3:10.1f}{f'{same}/{n_images}':>13s}")
+
+
+def mixed(runners, args, n_images: int, device: torch.device) -> None:
+    limits = mixed_lengths(n_images)
+    print(f"mixed: caption lengths {min(limits)}..{max(limits)} tokens, median {int(np.median(limits))}, "
+          f"{sum(limits)} in all; median of {args.repeats}")
+    print(f"{'':30s}{'images/s':>10s}{'tokens/s':>10s}{'vs HF':>8s}")
+    hf_rate = None
+    for runner in runners:
+        runner.run(limits)  # warm-up
+        total = timed(lambda: runner.run(limits), device, args.repeats)
+        rate = n_images / total
+        hf_rate = hf_rate or rate
+        print(f"{runner.name:30s}{rate:10.2f}{sum(limits) / total:10.1f}{rate / hf_rate:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ class Captioner:
         self.generate([image] * self.engine.max_batch_size, max_new_tokens=max_new_tokens)
 
     def preprocess(self, images: Sequence[Optional[ImageInput]], prompt: str) -> list[ProcessedSample]:
-        return [self.preprocessor.process(image, [prompt]) for image in images]
+        return self.preprocess_prompts(images, [prompt])
 
     def generate(
         self,
@@ -127,45 +127,74 @@ class Captioner:
         top_k: int = 0,
         seed: Optional[int] = None,
         ignore_eos: bool = False,
-    ) -> list[CaptionResult]:
-        """One result per image, in order. ``images``: PIL images or encoded bytes (None: text-only prompt).
-        ``max_new_tokens``: one limit for all, or one per image. Sampling: image ``i`` draws with seed ``seed + i``
-        (a fresh random ``seed`` when None), reproducible whatever the batching. ``ignore_eos``: generate exactly
-        ``max_new_tokens`` (for benchmarks)."""
-        samples = self.preprocess(images, prompt)
+        prompts: Optional[Sequence[str]] = None,
+    ):
+        """One result per image, in order. ``images``: PIL images, encoded image or video bytes (None: text only).
+
+        ``prompts``: several instructions per image instead of ``prompt``; then each image gets a list of results,
+        one per prompt in order. The image is decoded, tiled and seen by the vision tower once, and the prompts'
+        common start (the template and the image) is written into the cache once; the tokens are those of
+        asking each prompt alone.
+
+        ``max_new_tokens``: one limit for all, or a sequence: one limit per image (per prompt with ``prompts``).
+        Sampling: image ``i`` draws with seed ``seed + i`` (a fresh random ``seed`` when None), reproducible
+        whatever the batching. ``ignore_eos``: generate exactly ``max_new_tokens`` (for benchmarks)."""
+        texts = [prompt] if prompts is None else list(prompts)
+        samples = self.preprocess_prompts(images, texts)
         base = secrets.randbits(62) if seed is None else seed
-        limits = [max_new_tokens] * len(samples) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        if len(limits) != len(samples):
-            raise ValueError(f"max_new_tokens has {len(limits)} limits for {len(samples)} images")
-        params = [SamplingParams(limit, do_sample, temperature, top_p, top_k, ignore_eos) for limit in limits]
-        return self.generate_processed(samples, [base + i for i in range(len(samples))], params)
+        limits = _limits(max_new_tokens, len(samples) if prompts is None else len(texts), "images" if prompts is None else "prompts")
+
+        def params(limit: int) -> SamplingParams:
+            return SamplingParams(limit, do_sample, temperature, top_p, top_k, ignore_eos)
+
+        if prompts is None:
+            per_sample = [[params(limit)] for limit in limits]
+        else:
+            per_sample = [[params(limit) for limit in limits]] * len(samples)
+        results = self.generate_processed(samples, [base + i for i in range(len(samples))], per_sample)
+        return results if prompts is not None else [r[0] for r in results]
+
+    def preprocess_prompts(self, images: Sequence[Optional[ImageInput]], prompts: Sequence[str]) -> list[ProcessedSample]:
+        return [self.preprocessor.process(image, prompts) for image in images]
 
     def generate_processed(
-        self, samples: Sequence[ProcessedSample], seeds: Sequence[int], params: Sequence[SamplingParams]
-    ) -> list[CaptionResult]:
-        """Generate for already preprocessed samples (the pipeline preprocesses on CPU workers)."""
+        self, samples: Sequence[ProcessedSample], seeds: Sequence[int], params: Sequence[Sequence[SamplingParams]]
+    ) -> list[list[CaptionResult]]:
+        """Generate for already preprocessed samples (the pipeline preprocesses on CPU workers): per sample, one
+        result per prompt (``params[i]``: sample ``i``'s, one per prompt)."""
         requests = self.requests(samples, seeds, params)
         generations = iter(self.engine.generate([r for r in requests if r is not None]))
-        return [self.result(sample, None if r is None else next(generations)[0]) for sample, r in zip(samples, requests)]
+        return [self.results(sample, None if r is None else next(generations), len(p)) for sample, r, p in zip(samples, requests, params)]
 
     @staticmethod
     def requests(
-        samples: Sequence[ProcessedSample], seeds: Sequence[int], params: Sequence[SamplingParams]
+        samples: Sequence[ProcessedSample], seeds: Sequence[int], params: Sequence[Sequence[SamplingParams]]
     ) -> list[Optional[Request]]:
         """The engine's request for each sample; None for a sample whose image could not be used."""
         return [
-            None if sample.error is not None else Request(sample.input_ids, sample.tiles, p, seed)
+            None if sample.error is not None else Request(sample.prompt_ids, sample.tiles, tuple(p), seed)
             for sample, seed, p in zip(samples, seeds, params)
         ]
 
-    def result(self, sample: ProcessedSample, generation: Optional[Generation]) -> CaptionResult:
-        """A sample's caption from its generation (None: the sample's error)."""
+    def results(self, sample: ProcessedSample, generations: Optional[Sequence[Generation]], prompts: int) -> list[CaptionResult]:
+        """A sample's captions, one per prompt, from its generations (None: the sample's error, on every prompt)."""
         if sample.error is not None:
-            return CaptionResult(None, [], None, 0, 0, error=sample.error)
-        return CaptionResult(
-            text=self.preprocessor.tokenizer.decode(generation.token_ids, skip_special_tokens=True),
-            token_ids=generation.token_ids,
-            finish_reason=generation.finish_reason,
-            num_image_tokens=int((sample.input_ids == self.preprocessor.image_token_id).sum()),
-            num_generated_tokens=len(generation.token_ids),
-        )
+            return [CaptionResult(None, [], None, 0, 0, error=sample.error) for _ in range(prompts)]
+        image_tokens = int((sample.prompt_ids[0] == self.preprocessor.image_token_id).sum())
+        return [
+            CaptionResult(
+                text=self.preprocessor.tokenizer.decode(generation.token_ids, skip_special_tokens=True),
+                token_ids=generation.token_ids,
+                finish_reason=generation.finish_reason,
+                num_image_tokens=image_tokens,
+                num_generated_tokens=len(generation.token_ids),
+            )
+            for generation in generations
+        ]
+
+
+def _limits(max_new_tokens: Union[int, Sequence[int]], count: int, what: str) -> list[int]:
+    limits = [max_new_tokens] * count if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != count:
+        raise ValueError(f"max_new_tokens has {len(limits)} limits for {count} {what}")
+    return limits

@@ -52,6 +52,45 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(powers + [max_batch_size])
 
 
+def inference_compile_options(device: torch.device) -> dict:
+    """Inductor's inference options for this engine's graphs (scoped to them, not process-wide). On the CPU:
+    freezing (weights become constants: linear weights are prepacked for oneDNN) and the C++ wrapper (the
+    graph's kernels are called from C++, not Python: less overhead per decode step)."""
+    return {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else {}
+
+
+# an extend call costs about this many tokens' work besides its tokens (launch, weights read once)
+EXTEND_CALL_TOKENS = 64
+
+
+def shared_prefix(prompts: list[np.ndarray]) -> int:
+    """The number of leading tokens all prompts have in common, leaving each at least one of its own (its last
+    token's logits choose its first generated token)."""
+    if len(prompts) < 2:
+        return 0
+    shortest = min(len(ids) for ids in prompts) - 1
+    same = np.all([ids[:shortest] == prompts[0][:shortest] for ids in prompts[1:]], axis=0)
+    return int(np.argmin(same)) if not same.all() else shortest
+
+
+def similar_lengths(chunks: list) -> list[list]:
+    """``(fill, tokens)`` chunks in groups of similar length, each group one extend call: the fewest padded tokens
+    plus ``EXTEND_CALL_TOKENS`` per call (a shortest-path over the chunks sorted by length)."""
+    chunks = sorted(chunks, key=lambda chunk: chunk[1])
+    best = [0] + [math.inf] * len(chunks)  # best[j]: cost of grouping the j shortest chunks
+    cut = [0] * (len(chunks) + 1)
+    for end in range(1, len(chunks) + 1):
+        for start in range(end):  # the group chunks[start:end] pads to its longest, chunks[end - 1]
+            cost = best[start] + EXTEND_CALL_TOKENS + (end - start) * chunks[end - 1][1]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(chunks)
+    while end:
+        groups.append(chunks[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
 def default_cache_budget(device: torch.device) -> int:
     if device.type == "cuda":
         return int(0.4 * torch.cuda.get_device_properties(device).total_memory)
@@ -130,11 +169,12 @@ class SlotCache:
             new_value[:, :, : self.length - 1] = value[:, :, : self.length - 1]
         return bigger
 
-    def copy_prefix(self, source: int, targets: torch.Tensor, length: int) -> None:
-        """Slot ``source``'s first ``length`` positions into the slots ``targets`` (a shared prompt prefix)."""
+    def copy_prefix(self, source: int, targets: Sequence[int], length: int) -> None:
+        """Slot ``source``'s first ``length`` positions into the slots ``targets`` (a prefix its prompts share)."""
         for key, value in self.layers:
-            key[:, :, :length].index_copy_(0, targets, key[source, :, :length].expand(len(targets), -1, -1, -1))
-            value[:, :, :length].index_copy_(0, targets, value[source, :, :length].expand(len(targets), -1, -1, -1))
+            for target in targets:
+                key[target, :, :length] = key[source, :, :length]
+                value[target, :, :length] = value[source, :, :length]
 
     def move(self, source: int, target: int, length: int) -> None:
         for key, value in self.layers:
@@ -162,8 +202,10 @@ def extend(model: SmolVLM, ids, features, positions, slots, attend: str, attend_
     return model.language_model.head(hidden[torch.arange(ids.shape[0], device=ids.device), last])
 
 
-def decode_step(model: SmolVLM, tokens, lengths, sampling: Optional["RowSampling"], attend_len: int, cache_layers):
-    """One token for each slot of ``[0, rows)``: the next tokens ``(rows,)``."""
+def decode_step(model: SmolVLM, tokens, lengths, active, sampling: Optional["RowSampling"], attend_len: int, cache_layers):
+    """One token for each slot of ``[0, rows)``. Advances the slots' state in place (each slot's next input token,
+    and the length and sampling step of the decoding ones), so that the host does nothing between two steps;
+    returns the new tokens ``(rows,)``."""
     rows = tokens.shape[0]
     positions = lengths[:, None]
     keys = torch.arange(attend_len, device=tokens.device)
@@ -179,7 +221,12 @@ def decode_step(model: SmolVLM, tokens, lengths, sampling: Optional["RowSampling
         attend="leading",
         attend_len=attend_len,
     )
-    return choose_tokens(model.language_model.head(hidden[:, -1]), sampling)
+    chosen = choose_tokens(model.language_model.head(hidden[:, -1]), sampling)
+    tokens.copy_(chosen)
+    lengths.add_(active)
+    if sampling is not None:
+        sampling.steps.add_(active)
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,12 +311,21 @@ def choose_tokens(logits: torch.Tensor, sampling: Optional[RowSampling]) -> torc
 
 @dataclass
 class Request:
-    """One image (or none) and its prompt: ``input_ids`` with the image expanded to its tiles' tokens."""
+    """One image (or none) and its prompts, each prompt's ids with the image expanded to its tiles' tokens.
 
-    input_ids: np.ndarray  # int64 (seq,)
+    Several prompts share the image's work: the vision tower runs once, and their common token prefix (the
+    template's start and the image) is written into the cache once and copied into each prompt's slot. Prompt
+    ``j`` samples with the seed ``seed + (j << 32)``.
+    """
+
+    prompt_ids: Sequence[np.ndarray]  # int64 (seq,) per prompt
     tiles: Optional[np.ndarray] = None  # uint8 (tiles, 3, M, M), in the order of the prompt's images
-    params: SamplingParams = field(default_factory=SamplingParams)
+    params: Sequence[SamplingParams] = (SamplingParams(),)  # per prompt
     seed: int = 0
+
+
+# a common prefix shorter than this is not worth a copy: the prompts are then written separately
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass
@@ -285,25 +341,36 @@ class _Sequence:
     ticket: int
     params: SamplingParams
     seed: int
+    prompt_len: int
     slot: int = -1
     length: int = 0  # tokens in its cache row
     generated: list = field(default_factory=list)
 
 
 @dataclass
+class _Images:
+    """A request's tiles, and the vision tower's features for them once it has run (shared by its prompts)."""
+
+    tiles: np.ndarray
+    features: Optional[torch.Tensor] = None
+
+
+@dataclass
 class _Fill:
-    """Tokens still to write into one slot's cache row before it can decode."""
+    """Tokens still to write into one slot's cache row: a prompt before it decodes, or the prefix its request's
+    prompts share (then ``followers`` continue it in their own slots once it is written, this one's included)."""
 
     sequence: _Sequence
     ids: np.ndarray
-    tiles: Optional[np.ndarray]
-    features: Optional[torch.Tensor] = None  # the vision tower's output for the tiles, once it has run
+    images: Optional[_Images]
     written: int = 0
+    followers: list = field(default_factory=list)
 
 
 @dataclass
 class _Ticket:
     sequences: list
+    fills: list  # what to write, the first first; all of it gets slots together
     done: int = 0
 
 
@@ -341,31 +408,53 @@ class GenerationEngine:
         self._compiled = compile
         self._vision, self._extend, self._decode = model.image_features, extend, decode_step
         if compile:
-            self._vision = torch.compile(model.image_features, dynamic=True)
-            self._extend = torch.compile(extend, dynamic=True)
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs for the decode step
-            self._decode = torch.compile(decode_step, dynamic=False, fullgraph=True, mode=mode)
-        self._waiting: deque = deque()  # fills not yet given a slot
+            options = inference_compile_options(self.device)
+            self._vision = torch.compile(model.image_features, dynamic=True, options=options)
+            self._extend = torch.compile(extend, dynamic=True, options=options)
+            if self.device.type == "cuda":  # CUDA graphs for the decode step
+                self._decode = torch.compile(decode_step, dynamic=False, fullgraph=True, mode="reduce-overhead")
+            else:
+                self._decode = torch.compile(decode_step, dynamic=False, fullgraph=True, options=options)
+        self._waiting: deque = deque()  # tickets not yet given slots
         self._filling: list = []  # fills holding a slot, part written
         self._slots: list = [None] * max_batch_size  # slot -> its _Sequence
         self._tickets: dict = {}
         self._next_ticket = 0
         self._state = _SlotState(max_batch_size, sync_every, self.device)
-        self._counts = {"decode_steps": 0, "extend_calls": 0, "vision_calls": 0, "requests": 0}
+        self._counts = {
+            "requests": 0,
+            "decode_steps": 0,
+            "extend_calls": 0,
+            "vision_calls": 0,
+            "vision_tiles": 0,  # tiles through the vision tower: each request's once, whatever its prompts
+            "shared_prefix_tokens": 0,  # tokens written once for several prompts (and copied, not recomputed)
+        }
         self._decode_shapes: set = set()
 
     # --- the public API ------------------------------------------------------------------------
 
     def submit(self, request: Request) -> int:
-        """Queue a request; its ticket comes back from :meth:`step` with its generations. Raises ValueError (and
-        queues nothing) for a request that cannot fit the model."""
-        self._check_fits(request)
+        """Queue a request; its ticket comes back from :meth:`step` with one generation per prompt. Raises
+        ValueError (and queues nothing) for a request that cannot fit the model."""
+        prompts = [np.asarray(ids, dtype=np.int64) for ids in request.prompt_ids]
+        if len(prompts) != len(request.params) or not prompts:
+            raise ValueError(f"a request needs one SamplingParams per prompt, got {len(request.params)} for {len(prompts)}")
+        for ids, params in zip(prompts, request.params):
+            self._check_fits(len(ids), params.max_new_tokens)
         ticket = self._next_ticket
         self._next_ticket += 1
-        sequence = _Sequence(ticket, request.params, request.seed)
-        self._tickets[ticket] = _Ticket([sequence])
-        tiles = request.tiles if request.tiles is not None and len(request.tiles) else None
-        self._waiting.append(_Fill(sequence, np.asarray(request.input_ids, dtype=np.int64), tiles))
+        sequences = [
+            _Sequence(ticket, params, request.seed + (j << 32), len(ids)) for j, (ids, params) in enumerate(zip(prompts, request.params))
+        ]
+        images = _Images(request.tiles) if request.tiles is not None and len(request.tiles) else None
+        fills = [_Fill(sequence, ids, images) for sequence, ids in zip(sequences, prompts)]
+        shared = shared_prefix(prompts)
+        if shared >= MIN_SHARED_PREFIX:  # write the prefix once, in the first prompt's slot; the others copy it
+            for fill in fills:
+                fill.written = shared
+            fills = [_Fill(sequences[0], prompts[0][:shared], images, followers=fills)]
+        self._tickets[ticket] = _Ticket(sequences, fills)
+        self._waiting.append(ticket)
         self._counts["requests"] += 1
         return ticket
 
@@ -394,7 +483,8 @@ class GenerationEngine:
 
     def stats(self) -> dict:
         """Cache and compile statistics: the KV cache's shape and size, the decode shapes used (each one graph when
-        compiled), and counts of decode steps, extend and vision calls."""
+        compiled), and counts of requests, decode steps, extend and vision calls, tiles seen by the vision tower and
+        prompt tokens shared."""
         return {
             "cache_shape": None if self.cache is None else self.cache.shape,
             "cache_bytes": 0 if self.cache is None else self.cache.nbytes,
@@ -404,11 +494,10 @@ class GenerationEngine:
 
     # --- scheduling --------------------------------------------------------------------------
 
-    def _check_fits(self, request: Request) -> None:
-        needed = len(request.input_ids) + request.params.max_new_tokens
-        if needed > self.max_positions:
+    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len + max_new_tokens > self.max_positions:
             raise ValueError(
-                f"a prompt of {len(request.input_ids)} tokens plus {request.params.max_new_tokens} new tokens "
+                f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens "
                 f"exceeds the model's {self.max_positions} positions"
             )
 
@@ -416,23 +505,25 @@ class GenerationEngine:
         return [slot for slot, sequence in enumerate(self._slots) if sequence is None]
 
     def _admit(self) -> list[int]:
-        """Give waiting fills the free slots, then write one chunk of every fill (within the prefill budget)."""
+        """Give waiting requests free slots (all their prompts' at once, in arrival order), then write one chunk of
+        every fill (within the prefill budget)."""
         free = self._free_slots()
-        while self._waiting and free:
-            fill = self._waiting.popleft()
-            fill.sequence.slot = free.pop(0)
-            self._slots[fill.sequence.slot] = fill.sequence
-            self._filling.append(fill)
+        while self._waiting and len(self._tickets[self._waiting[0]].sequences) <= len(free):
+            ticket = self._tickets[self._waiting.popleft()]
+            for sequence in ticket.sequences:
+                sequence.slot = free.pop(0)
+                self._slots[sequence.slot] = sequence
+            self._ensure_cache(max(s.prompt_len + s.params.max_new_tokens for s in ticket.sequences))
+            self._filling += ticket.fills
         if not self._filling:
             return []
-        self._ensure_cache(max(len(f.ids) + f.sequence.params.max_new_tokens for f in self._filling))
         chunks = self._next_chunks()
         self._encode_images([fill for fill, _ in chunks])
         fresh = [(fill, n) for fill, n in chunks if fill.written == 0]  # from position 0: attend to themselves
         continuing = [(fill, n) for fill, n in chunks if fill.written > 0]
         finished = []
-        for batch, attend in ((fresh, "fresh"), (continuing, "rows")):
-            if batch:
+        for chunks, attend in ((fresh, "fresh"), (continuing, "rows")):
+            for batch in similar_lengths(chunks):
                 finished += self._write_chunks(batch, attend)
         return finished
 
@@ -449,16 +540,17 @@ class GenerationEngine:
 
     def _encode_images(self, fills: list["_Fill"]) -> None:
         """The vision tower once for every new image of this round, all tiles in one call."""
-        pending = [fill for fill in fills if fill.tiles is not None and fill.features is None]
+        pending = list({id(f.images): f.images for f in fills if f.images is not None and f.images.features is None}.values())
         if not pending:
             return
-        tiles = torch.from_numpy(np.concatenate([fill.tiles for fill in pending])).to(self.device)
+        tiles = torch.from_numpy(np.concatenate([images.tiles for images in pending])).to(self.device)
         features = self._vision(tiles)
         self._counts["vision_calls"] += 1
+        self._counts["vision_tiles"] += tiles.shape[0]
         per_tile = features.shape[0] // tiles.shape[0]
-        offsets = np.cumsum([0] + [len(fill.tiles) * per_tile for fill in pending])
-        for fill, start, stop in zip(pending, offsets[:-1], offsets[1:]):
-            fill.features = features[start:stop]
+        offsets = np.cumsum([0] + [len(images.tiles) * per_tile for images in pending])
+        for images, start, stop in zip(pending, offsets[:-1], offsets[1:]):
+            images.features = features[start:stop]
 
     def _write_chunks(self, batch: list[tuple["_Fill", int]], attend: str) -> list[int]:
         """One extend call for these chunks; fills that complete get their first token and start decoding."""
@@ -474,7 +566,7 @@ class GenerationEngine:
             count = int((chunk == self.model.config.image_token_id).sum())
             if count:  # this chunk's share of the request's image features, in order
                 before = int((fill.ids[: fill.written] == self.model.config.image_token_id).sum())
-                features.append(fill.features[before : before + count])
+                features.append(fill.images.features[before : before + count])
         attend_len = width if attend == "fresh" else round_up(max(f.written + n for f, n in batch), LENGTH_BUCKETS)
         last = torch.tensor([n - 1 for _, n in batch], device=self.device)
         logits = self._extend(
@@ -492,20 +584,27 @@ class GenerationEngine:
         for fill, n in batch:
             fill.written += n
         done = [row for row, (fill, _) in enumerate(batch) if fill.written == len(fill.ids)]
-        if not done:
-            return []
         completed = [batch[row][0] for row in done]
         self._filling = [fill for fill in self._filling if fill not in completed]
-        sequences = [fill.sequence for fill in completed]
+        prompts = [(row, fill) for row, fill in zip(done, completed) if not fill.followers]
+        for prefix in (fill for fill in completed if fill.followers):  # its prompts continue it in their slots
+            others = [f.sequence.slot for f in prefix.followers if f.sequence.slot != prefix.sequence.slot]
+            self.cache.copy_prefix(prefix.sequence.slot, others, len(prefix.ids))
+            self._counts["shared_prefix_tokens"] += len(prefix.ids)
+            self._filling += prefix.followers
+        if not prompts:
+            return []
+        sequences = [fill.sequence for _, fill in prompts]
         sampling = _row_sampling(sequences, self.device, [0] * len(sequences)) if _samples(sequences) else None
-        return self._start_decoding(completed, choose_tokens(logits[done], sampling).tolist())
+        first = choose_tokens(logits[[row for row, _ in prompts]], sampling)
+        return self._start_decoding([fill for _, fill in prompts], first.tolist())
 
     def _start_decoding(self, fills: list["_Fill"], first_tokens: list[int]) -> list[int]:
         """Record each sequence's first token; those not already finished decode from the next window on."""
         finished, starting = [], []
         for fill, token in zip(fills, first_tokens):
             sequence = fill.sequence
-            sequence.length = len(fill.ids)
+            sequence.length = sequence.prompt_len
             sequence.generated.append(token)
             if self._finished(sequence):
                 finished.append(self._release(sequence))
@@ -522,9 +621,9 @@ class GenerationEngine:
         attend_len = min(round_up(longest + self.sync_every, LENGTH_BUCKETS), self.cache.length)
         self._decode_shapes.add((rows, attend_len))
         sampling = state.sampling.rows(rows) if state.any_sampling else None
+        tokens, lengths, active, history = state.tokens[:rows], state.lengths[:rows], state.active[:rows], state.history
         for step in range(self.sync_every):
-            tokens = self._decode(self.model, state.tokens[:rows], state.lengths[:rows], sampling, attend_len, self.cache.layers)
-            state.advance(rows, step, tokens)
+            history[:rows, step] = self._decode(self.model, tokens, lengths, active, sampling, attend_len, self.cache.layers)
         self._counts["decode_steps"] += self.sync_every
 
     def _retire(self) -> list[int]:
@@ -662,12 +761,6 @@ class _SlotState:
             getattr(self.sampling, name)[slots] = values
         self.decoding_slots.update(s.slot for s in sequences)
         self.sampling_slots.update(s.slot for s in sequences if s.params.do_sample)
-
-    def advance(self, rows: int, step: int, tokens: torch.Tensor) -> None:
-        self.history[:rows, step] = tokens
-        self.tokens[:rows] = tokens
-        self.lengths[:rows] += self.active[:rows]
-        self.sampling.steps[:rows] += self.active[:rows]
 
     def deactivate(self, slot: int, scratch: int) -> None:
         self.active[slot] = 0

@@ -41,7 +41,7 @@ def arrivals(checkpoint, eager):
     images = mixed_images(24)
     limits = [2 + (7 * i) % 23 for i in range(24)]
     samples = eager.preprocess(images + [None], PROMPT)
-    requests = [Request(s.input_ids, s.tiles, SamplingParams(limit)) for s, limit in zip(samples, limits + [16])]
+    requests = [Request((s.input_ids,), s.tiles, (SamplingParams(limit),)) for s, limit in zip(samples, limits + [16])]
     stop_ids = set(eager.engine.stop_ids)
     expected = []
     for limit in sorted(set(limits)):
@@ -86,9 +86,9 @@ def test_recompiles_are_bounded_over_a_long_run(compiled):
     prompts = [PROMPT, "What?", "Write a detailed description of everything that is visible in this picture."]
     images = [random_image(int(rng.integers(20, 240)), int(rng.integers(20, 240)), seed=500 + i) for i in range(40)]
     samples = [s for prompt in prompts for s in compiled.preprocess(images, prompt)]
-    requests = [Request(s.input_ids, s.tiles, SamplingParams(int(rng.integers(1, 40)))) for s in samples]
+    requests = [Request((s.input_ids,), s.tiles, (SamplingParams(int(rng.integers(1, 40))),)) for s in samples]
     results = compiled.engine.generate(requests)
-    assert len(results) == 120 and all(len(r[0].token_ids) <= q.params.max_new_tokens for r, q in zip(results, requests))
+    assert len(results) == 120 and all(len(r[0].token_ids) <= q.params[0].max_new_tokens for r, q in zip(results, requests))
     new_graphs = counters["stats"]["unique_graphs"] - graphs_before
     new_shapes = set(compiled.engine.stats()["decode_shapes"]) - shapes_before
     assert new_graphs <= len(new_shapes) + 2, (new_graphs, sorted(new_shapes))
@@ -98,7 +98,7 @@ def test_recompiles_are_bounded_over_a_long_run(compiled):
 def test_limits_stop_each_request_and_short_captions_free_their_slots(eager):
     samples = eager.preprocess(mixed_images(), PROMPT)
     limits = [3, 20, 5, 20, 2, 9]
-    requests = [Request(s.input_ids, s.tiles, SamplingParams(limit, ignore_eos=True)) for s, limit in zip(samples, limits)]
+    requests = [Request((s.input_ids,), s.tiles, (SamplingParams(limit, ignore_eos=True),)) for s, limit in zip(samples, limits)]
     steps_before = eager.engine.stats()["decode_steps"]
     together = [g[0] for g in eager.engine.generate(requests)]
     assert [len(g.token_ids) for g in together] == limits and all(g.finish_reason == "length" for g in together)
@@ -112,7 +112,7 @@ def test_the_tail_of_a_run_decodes_in_a_smaller_bucket(eager):
     """When only one long request is left it moves to the lowest slot, and the decode step shrinks to one row."""
     samples = eager.preprocess(mixed_images(8), PROMPT)
     limits = [2] * 7 + [30]
-    requests = [Request(s.input_ids, s.tiles, SamplingParams(limit, ignore_eos=True)) for s, limit in zip(samples, limits)]
+    requests = [Request((s.input_ids,), s.tiles, (SamplingParams(limit, ignore_eos=True),)) for s, limit in zip(samples, limits)]
     results = eager.engine.generate(requests[::-1])  # the long one takes slot 0 ...
     results = eager.engine.generate(requests)  # ... and here slot 7
     assert [len(r[0].token_ids) for r in results] == limits
@@ -123,7 +123,7 @@ def test_long_prompts_are_written_in_chunks_with_the_same_tokens(checkpoint, eag
     chunked = Captioner.from_pretrained(checkpoint, max_batch_size=4)
     chunked.engine.prefill_chunk = chunked.engine.max_prefill_tokens = 40  # a 17-tile prompt takes ~8 chunks
     samples = eager.preprocess(mixed_images(), PROMPT)
-    requests = [Request(s.input_ids, s.tiles, SamplingParams(12)) for s in samples]
+    requests = [Request((s.input_ids,), s.tiles, (SamplingParams(12),)) for s in samples]
     expected = [g[0].token_ids for g in eager.engine.generate(requests)]
     assert [g[0].token_ids for g in chunked.engine.generate(requests)] == expected
     assert chunked.engine.stats()["extend_calls"] >= max(len(s.input_ids) for s in samples) // 40
@@ -152,8 +152,8 @@ def test_sampling_is_reproducible_and_independent_of_neighbours(eager):
     # greedy and sampling requests side by side: each keeps its own rule
     samples = eager.preprocess(images[:2], PROMPT)
     mixed = eager.engine.generate([
-        Request(samples[0].input_ids, samples[0].tiles, SamplingParams(12)),
-        Request(samples[1].input_ids, samples[1].tiles, SamplingParams(**sample), seed=8),
+        Request((samples[0].input_ids,), samples[0].tiles, (SamplingParams(12),)),
+        Request((samples[1].input_ids,), samples[1].tiles, (SamplingParams(**sample),), seed=8),
     ])
     assert mixed[0][0].token_ids == eager.generate(images[:1], PROMPT, max_new_tokens=12)[0].token_ids
     assert mixed[1][0].token_ids == first[1]
@@ -204,7 +204,7 @@ def test_background_engine_serves_concurrent_callers(eager, arrivals):
         by_caller = asyncio.run(callers())
         for start, tokens in enumerate(by_caller):
             assert tokens == expected[start::3]
-        too_long = replace(requests[0], params=SamplingParams(5000))
+        too_long = replace(requests[0], params=(SamplingParams(5000),))
         with pytest.raises(ValueError, match="exceeds the model's"):
             background.submit(too_long).result(timeout=60)
         assert background.submit(requests[1]).result(timeout=60)[0].token_ids == expected[1]  # still serving
