@@ -13,7 +13,7 @@ from fms_smolvlm.generation import Generation, GenerationEngine, Request, Sampli
 from fms_smolvlm.processing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ProcessedSample, SmolVLMPreprocessor
 from fms_smolvlm.smolvlm import SmolVLM
 
-DEFAULT_PROMPT = "Describe this image."
+DEFAULT_PROMPT = "Describe this image in one sentence."
 
 
 @dataclass

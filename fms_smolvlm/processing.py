@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fms_smolvlm.checkpoint import ProcessorConfigError, VideoSampling, read_processor_config
+from fms_smolvlm.errors import one_line
 from fms_smolvlm.prompts import IMAGE_TOKEN, VIDEO_TOKEN, image_prompt, render_user_turn, video_prompt
 from fms_smolvlm.video import (
     DEFAULT_MAX_SECONDS,
@@ -160,7 +161,7 @@ def decode_image(data: ImageInput, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -
             image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError) as error:  # PIL reports truncated/corrupt data this way
-        raise ImageError(f"corrupt image data: {_one_line(error)}") from None
+        raise ImageError(f"corrupt image data: {one_line(error)}") from None
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -174,14 +175,14 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised file format)") from None
     except Image.DecompressionBombError as error:
-        raise ImageError(f"too many pixels ({_one_line(error)})") from None
+        raise ImageError(f"too many pixels ({one_line(error)})") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"corrupt image data: {_one_line(error)}") from None
+        raise ImageError(f"corrupt image data: {one_line(error)}") from None
     _check_pixels(image.size, max_pixels)
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"corrupt or truncated image data: {_one_line(error)}") from None
+        raise ImageError(f"corrupt or truncated image data: {one_line(error)}") from None
     return image
 
 
@@ -203,10 +204,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +361,7 @@ class SmolVLMPreprocessor:
         except (ImageError, VideoError) as error:
             return ProcessedSample((), None, error=str(error))
         except Exception as error:  # PIL and FFmpeg fail in more ways than they document: still this sample's only
-            return ProcessedSample((), None, error=f"cannot process {_media_kind(media)}: {_one_line(error)}")
+            return ProcessedSample((), None, error=f"cannot process {_media_kind(media)}: {one_line(error)}")
         ids = tuple(self.prompt_ids(prompt, processed.rows, processed.cols) for prompt in prompts)
         return ProcessedSample(ids, processed.tiles, processed.width, processed.height)
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fms_smolvlm.errors import one_line
+
 MAX_RESIZED_EDGE = 4096  # HF's absolute cap on the video resize
 DEFAULT_MAX_SECONDS = 3 * 3600
 
@@ -249,7 +251,7 @@ class VideoDecoder:
             else:
                 yield from self._frames_in_order(indices)
         except av.FFmpegError as error:
-            raise VideoError(f"corrupt video data: {_one_line(error)}") from None
+            raise VideoError(f"corrupt video data: {one_line(error)}") from None
 
     def _frames_by_seeking(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
         decoded: Optional[Iterator] = None
@@ -331,7 +333,7 @@ def _open(data: bytes):
     try:
         return av.open(io.BytesIO(data), mode="r")
     except av.FFmpegError as error:
-        raise VideoError(f"not a decodable video: {_one_line(error)}") from None
+        raise VideoError(f"not a decodable video: {one_line(error)}") from None
 
 
 def _video_stream(container):
@@ -376,7 +378,7 @@ def _scan(container, stream) -> _FrameIndex:
                 if packet.is_keyframe:
                     keyframe_pts.append(packet.pts)
     except av.FFmpegError as error:
-        raise VideoError(f"corrupt video data: {_one_line(error)}") from None
+        raise VideoError(f"corrupt video data: {one_line(error)}") from None
     if count == 0:
         raise VideoError("video stream has no frames")
     timestamped = len(frame_pts) == count
@@ -393,10 +395,6 @@ def _metadata(stream, total_num_frames: int) -> VideoMetadata:
     # HF divides by the rate as a fraction, then converts: the same float, to the last bit
     duration = float(total_num_frames / stream.average_rate)
     return VideoMetadata(total_num_frames, float(stream.average_rate), duration, stream.width, stream.height)
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ from pathlib import Path
 # run from a checkout (`ray job submit --working-dir .`) without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fms_smolvlm.captioner import DEFAULT_PROMPT  # noqa: E402
+from pipeline.config import DEFAULT_MAX_NEW_TOKENS, ConfigError, JobConfig  # noqa: E402
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
-DEFAULT_PROMPT = "Describe this image in one sentence."
 
 
 def checked(parse, valid, requirement: str):
@@ -33,6 +35,7 @@ def checked(parse, valid, requirement: str):
 
 positive_int = checked(int, lambda v: v >= 1, "a positive integer")
 positive_seconds = checked(float, lambda v: v > 0, "a positive number of seconds")
+positive_float = checked(float, lambda v: v > 0, "a positive number")
 seconds = checked(float, lambda v: v >= 0, "0 or more seconds")
 
 
@@ -54,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="directory/prefix or glob of shards (any fsspec URL)")
     parser.add_argument("--output", required=True, help="output directory/prefix (any fsspec URL)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="local checkpoint dir or HF model id (default: %(default)s)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="user instruction (default: %(default)r)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--prompt", action="append", metavar="[NAME=]TEXT", help=f"user instruction (default: {DEFAULT_PROMPT!r}); repeat as NAME=TEXT for several annotations per sample, each in columns of its NAME")
+    parser.add_argument("--prompts", metavar="FILE", help="named prompts from a JSON or YAML file mapping NAME to TEXT (instead of --prompt)")
+    parser.add_argument("--max-new-tokens", action="append", metavar="[NAME=]N", help=f"generated tokens at most (default: {DEFAULT_MAX_NEW_TOKENS}); NAME=N for one named prompt")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="images per generation batch (default: 32 on GPU, 8 on CPU)")
     parser.add_argument("--replicas", type=positive_int, default=None, help="model replicas (default: one per GPU, or 1 on CPU)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -64,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-longest-edge", type=positive_int, default=None, help="resize images to this longest edge (default: the checkpoint's)")
     parser.add_argument("--no-image-splitting", dest="image_splitting", action="store_false", default=None, help="one tile per image instead of a grid of tiles plus a global view")
     parser.add_argument("--max-image-pixels", type=positive_int, default=100_000_000, help="larger images become error rows (default: %(default)s)")
+    parser.add_argument("--video-fps", type=positive_float, default=None, help="video samples: frames sampled per second (default: the checkpoint's)")
+    parser.add_argument("--video-max-frames", type=positive_int, default=None, help="video samples: at most this many frames (default: the checkpoint's)")
+    parser.add_argument("--max-video-seconds", type=positive_seconds, default=3 * 3600.0, metavar="SECONDS", help="longer videos become error rows (default: %(default)s)")
     parser.add_argument("--image-column", default=None, help="Parquet shards: the image-bytes column (default: auto-detect)")
     parser.add_argument("--key-column", default=None, help="Parquet shards: the sample-key column (default: auto-detect, else the row number)")
     parser.add_argument("--limit-shards", type=positive_int, default=None, help="process at most N pending shards")
@@ -71,15 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="start over even if the output holds another job's checkpoints")
     parser.add_argument("--dry-run", action="store_true", help="list pending and done shards, run nothing")
     parser.add_argument("--wait-for-lease", type=seconds, default=0.0, metavar="SECONDS", help="if another run holds the output, wait up to this long instead of refusing")
+    parser.add_argument("--stall-timeout", type=positive_seconds, default=1800.0, metavar="SECONDS", help="end the run (exit 1, committed shards kept) when no result arrives for this long (default: %(default)s)")
     parser.add_argument("--lease-ttl", type=positive_seconds, default=180.0, metavar="SECONDS", help="a crashed run's hold on the output expires this long after its last heartbeat (default: %(default)s)")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        config = JobConfig.from_args(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from pipeline.job import run_job  # imports Ray: only after the flags are known to be good
 
-    return run_job(args)
+    return run_job(config)
 
 
 if __name__ == "__main__":

@@ -16,29 +16,34 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fms_smolvlm.errors import one_line
 from pipeline.storage import join, json_bytes, list_names, write_atomic
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("shard_id", pa.string()),
-        ("caption", pa.string()),
-        ("error", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("num_image_tokens", pa.int32()),
-        ("num_generated_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-    ]
-)
+UNNAMED_PROMPT_COLUMNS = ("caption", "finish_reason", "num_generated_tokens")
+
+
+def output_schema(prompt_columns: Sequence[tuple] = (UNNAMED_PROMPT_COLUMNS,), video: bool = False) -> pa.Schema:
+    """The committed files' columns. ``prompt_columns``: per prompt, its (text, finish reason, token count)
+    columns; with one unnamed prompt, the files are ``caption``, ``finish_reason``, ``num_generated_tokens`` among
+    the shared columns. ``video``: a SmolVLM2 checkpoint's files also say how many frames a clip gave."""
+    return pa.schema(
+        [("key", pa.string()), ("shard_id", pa.string())]
+        + [(text, pa.string()) for text, _, _ in prompt_columns]
+        + [("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("num_image_tokens", pa.int32())]
+        + [field for _, finish, tokens in prompt_columns for field in ((tokens, pa.int32()), (finish, pa.string()))]
+        + ([("num_frames", pa.int32())] if video else [])
+    )
+
+
+OUTPUT_SCHEMA = output_schema()  # one unnamed prompt, an image checkpoint
 SHARDS_DIR = "shards"
 CHECKPOINTS_DIR = "_checkpoints"
 
@@ -56,15 +61,11 @@ def committed_shards(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
     return set(list_names(fs, join(root, CHECKPOINTS_DIR), ".json"))
 
 
-def parquet_bytes(rows: list[dict]) -> bytes:
-    table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+def parquet_bytes(rows: list[dict], schema: pa.Schema = OUTPUT_SCHEMA) -> bytes:
+    table = pa.Table.from_pylist(rows, schema=schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
-
-
-def _one_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,19 @@ class ShardCommitter:
         fs: fsspec.AbstractFileSystem,
         root: str,
         before_commit: Callable[[], None] = lambda: None,
+        schema: pa.Schema = OUTPUT_SCHEMA,
         writers: int = 8,
         queued: int = 8,
         retry: RetryPolicy = RetryPolicy(),
     ):
         """``before_commit`` runs (on a writer thread) before every put of a shard's files, and raises to stop
-        the run from writing (the output lease was lost). ``writers`` shards are written at a time and up to
-        ``queued`` more wait for a writer; beyond that ``add`` waits."""
+        the run from writing (the output lease was lost). ``schema``: the output files' (:func:`output_schema`).
+        ``writers`` shards are written at a time and up to ``queued`` more wait for a writer; beyond that ``add``
+        waits."""
         self.fs = fs
         self.root = root
+        self.schema = schema
+        self.token_columns = [name for name in schema.names if name.endswith("num_generated_tokens")]
         self.before_commit = before_commit
         self.retry = retry
         self.open: dict[str, _OpenShard] = {}
@@ -168,7 +173,7 @@ class ShardCommitter:
                 return
             shard.size = row["shard_size"]
         else:
-            shard.rows[row["index"]] = {name: row[name] for name in OUTPUT_SCHEMA.names}
+            shard.rows[row["index"]] = {name: row[name] for name in self.schema.names}
             shard.replicas.add(row["replica"])
         if len(shard.rows) == shard.size:
             self.closed.add(shard_id)
@@ -183,9 +188,9 @@ class ShardCommitter:
         """On a writer thread: the Parquet file, then the checkpoint; committed only when both are written."""
         rows = [shard.rows[index] for index in sorted(shard.rows)]
         errors = sum(row["error"] is not None for row in rows)
-        tokens = sum(row["num_generated_tokens"] or 0 for row in rows)
+        tokens = sum(row[column] or 0 for row in rows for column in self.token_columns)
         try:
-            self._put(shard_file(self.root, shard_id), parquet_bytes(rows))
+            self._put(shard_file(self.root, shard_id), parquet_bytes(rows, self.schema))
             checkpoint = {
                 "shard_id": shard_id,
                 "rows": len(rows),
@@ -200,7 +205,7 @@ class ShardCommitter:
             self._record_stop(shard_id, stopped.__cause__)
             return
         except Exception as error:  # every attempt failed (or the rows do not fit the schema)
-            self._record_failure(shard_id, _one_line(error))
+            self._record_failure(shard_id, one_line(error, with_type=True))
             return
         self._record_commit(shard_id, len(rows), errors, tokens)
 
@@ -216,11 +221,11 @@ class ShardCommitter:
                 return
             except Exception as error:  # throttled, dropped, timed out: object stores fail transiently
                 if attempt == self.retry.attempts:
-                    raise OSError(f"could not write {path} in {attempt} attempts: {_one_line(error)}") from error
+                    raise OSError(f"could not write {path} in {attempt} attempts: {one_line(error, with_type=True)}") from error
                 with self._lock:
                     self.stats.write_retries += 1
                 logger.warning("writing %s failed (attempt %d of %d), retrying: %s", path, attempt,
-                               self.retry.attempts, _one_line(error))
+                               self.retry.attempts, one_line(error, with_type=True))
                 time.sleep(self.retry.delay(attempt))
 
     def _record_commit(self, shard_id: str, rows: int, errors: int, tokens: int) -> None:

@@ -1,21 +1,26 @@
 """The captioning job: shards in, one Parquet file per shard out, resumable.
 
-read (one task per shard) -> preprocess (CPU tasks) -> caption (fixed actor pool) -> commit (streaming sink)
+read (streamed, a few shards at a time) -> preprocess (CPU tasks) -> caption (a fixed pool of async replica
+actors) -> commit (the driver's streaming sink, writer threads)
 """
 
+import _thread
 import hashlib
 import json
 import logging
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import fms_smolvlm
 from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint
+from fms_smolvlm.errors import one_line
 from fms_smolvlm.processing import SmolVLMPreprocessor
-from pipeline.commit import CHECKPOINTS_DIR, SHARDS_DIR, ShardCommitter, committed_shards
+from pipeline.commit import CHECKPOINTS_DIR, SHARDS_DIR, ShardCommitter, committed_shards, output_schema
+from pipeline.config import JobConfig, PreprocessSettings, ReplicaSettings
 from pipeline.lease import LeaseHeldError, OutputLease
 from pipeline.sources import DEFAULT_BATCH_BYTES, Shard, discover_shards, read_shards, shard_items
 from pipeline.stages import BATCHES_IN_FLIGHT, CaptionActor, preprocess_batch
@@ -40,78 +45,83 @@ class Resources:
     compile: bool
 
 
-def run_job(args) -> int:
+def run_job(config: JobConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return _run(args)
+        return _run(config)
     except JobError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (OSError, ValueError, KeyError) as error:  # before any work: an unwritable output, a broken config file
-        print(f"error: cannot start: {one_line(error)}", file=sys.stderr)
+        print(f"error: cannot start: {one_line(error, with_type=True)}", file=sys.stderr)
         return 2
 
 
-def one_line(error: BaseException) -> str:
-    """An error on one line. A replica's failure reaches the driver as Ray's traceback text with the original
-    exception first and Ray's wrappers after it: keep the original's last line."""
-    text = str(error).split("The above exception was the direct cause of the following exception")[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if '  File "' in text:  # a traceback: its last line is "SomeError: message"
-        return lines[-1][:500]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:500]
-
-
-def _run(args) -> int:
+def _run(config: JobConfig) -> int:
     started = time.time()
-    if Path(args.model).is_dir():  # replicas and tasks may run in another working directory
-        args.model = str(Path(args.model).resolve())
-    in_fs, in_path = _resolve_storage(args.input, args.storage_options, "input")
-    out_fs, root = _resolve_storage(args.output, args.storage_options, "output")
+    if Path(config.model).is_dir():  # replicas and tasks may run in another working directory
+        config = replace(config, model=str(Path(config.model).resolve()))
+    in_fs, in_path = _resolve_storage(config.input, config.storage_options, "input")
+    out_fs, root = _resolve_storage(config.output, config.storage_options, "output")
     # a rerun must not read the output's own Parquet files as shards when --output lies inside --input
-    shards = _discover(in_fs, in_path, args.input, exclude=root if in_fs.protocol == out_fs.protocol else None)
-    model_dir = _model_files(args.model, args.max_new_tokens)
+    shards = _discover(in_fs, in_path, config.input, exclude=root if in_fs.protocol == out_fs.protocol else None)
+    model_dir = _model_files(config.model, max(prompt.max_new_tokens for prompt in config.prompts))
     preprocessor = SmolVLMPreprocessor.from_pretrained(
-        model_dir, args.image_longest_edge, args.image_splitting, args.max_image_pixels
+        model_dir,
+        config.image_longest_edge,
+        config.image_splitting,
+        config.max_image_pixels,
+        video_fps=config.video_fps,
+        video_max_frames=config.video_max_frames,
+        max_video_seconds=config.max_video_seconds,
     )
 
     import ray
 
     if not ray.is_initialized():  # joins the cluster under `ray job submit`, else starts a local instance
         ray.init(logging_level=logging.WARNING)
-    resources = _resources(args, ray.cluster_resources())
-    fingerprint = job_fingerprint(args, model_dir, preprocessor, resources.dtype)
+    resources = _resources(config, ray.cluster_resources())
+    _check_capacity(config, resources, [node for node in ray.nodes() if node["Alive"]])
+    fingerprint = job_fingerprint(config, model_dir, preprocessor, resources.dtype)
     revision = hub_revision(model_dir)
-    if args.dry_run:
-        done = _check_output(out_fs, root, args.output, fingerprint, args.overwrite, dry_run=True)
-        _print_plan(shards, done, _pending(shards, done, args.limit_shards), _lease(out_fs, root, args).holder())
+    if config.dry_run:
+        done = _check_output(out_fs, root, config.output, fingerprint, config.overwrite, dry_run=True)
+        _print_plan(shards, done, _pending(shards, done, config.limit_shards), _lease(out_fs, root, config).holder())
         return 0
 
     try:
-        lease = _lease(out_fs, root, args).acquire(wait_s=args.wait_for_lease)
+        lease = _lease(out_fs, root, config).acquire(wait_s=config.wait_for_lease)
     except LeaseHeldError as error:
         raise JobError(f"--output {error}") from None
     with lease:
-        return _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, revision, lease, started)
+        video = preprocessor.video is not None
+        return _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, revision, video, lease, started)
 
 
-def _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, revision, lease, started) -> int:
-    done = _check_output(out_fs, root, args.output, fingerprint, args.overwrite, dry_run=False)
-    pending = _pending(shards, done, args.limit_shards)
+def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, revision, video, lease, started) -> int:
+    done = _check_output(out_fs, root, config.output, fingerprint, config.overwrite, dry_run=False)
+    pending = _pending(shards, done, config.limit_shards)
     write_json(out_fs, join(root, JOB_FILE), fingerprint)
-    committer = ShardCommitter(out_fs, root, before_commit=lease.check)
+    schema = output_schema([prompt.columns for prompt in config.prompts], video)
+    committer = ShardCommitter(out_fs, root, before_commit=lease.check, schema=schema)
     failure = None
     if pending:
         logger.info("%d shards pending, %d already done; %s", len(pending), len(done), resources)
+        watchdog = StallWatchdog(config.stall_timeout)
         try:
             # leaving the block waits for the shards being written; it raises if the lease stopped the writes
-            with committer:
-                dataset = build_dataset(args, pending, resources, revision)
+            with committer, watchdog:
+                dataset = build_dataset(config, pending, resources, revision, video)
                 # no prefetch: a shard's last rows reach the commit as soon as they exist, also when the run fails
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+                    watchdog.progress()
                     committer.add(batch)
+        except KeyboardInterrupt:
+            if not watchdog.fired:
+                raise
+            failure = f"no progress for {config.stall_timeout:.0f} s (--stall-timeout): stopped; committed shards are kept"
         except Exception as error:  # a replica died, the lease was lost: committed shards stay committed
-            failure = one_line(error)
+            failure = one_line(error, with_type=True)
     else:
         logger.info("nothing to do: all %d shards are committed", len(shards))
 
@@ -126,29 +136,62 @@ def _run_holding_lease(args, out_fs, root, shards, resources, fingerprint, revis
     return 0
 
 
+class StallWatchdog:
+    """Ends a run that makes no progress (no result reaches the driver) for ``timeout_s``: it interrupts the main
+    thread, which is waiting for Ray Data's next batch, and sets ``fired`` so that the run says why."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.fired = False
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
+
+    def __enter__(self) -> "StallWatchdog":
+        self._last = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(10.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._last
+            if idle >= self.timeout_s:
+                logger.error("no result for %.0f s (--stall-timeout %.0f): stopping the run", idle, self.timeout_s)
+                self.fired = True
+                _thread.interrupt_main()
+                return
+
+
 def _pending(shards: list[Shard], done: set[str], limit: Optional[int]) -> list[Shard]:
     pending = [shard for shard in shards if shard.shard_id not in done]
     return pending if limit is None else pending[:limit]
 
 
-def _lease(fs, root: str, args) -> OutputLease:
-    return OutputLease(fs, root, ttl_s=args.lease_ttl, heartbeat_s=min(30.0, args.lease_ttl / 3))
+def _lease(fs, root: str, config: JobConfig) -> OutputLease:
+    return OutputLease(fs, root, ttl_s=config.lease_ttl, heartbeat_s=min(30.0, config.lease_ttl / 3))
 
 
 def _resolve_storage(url: str, storage_options: dict, what: str):
     try:
         return resolve(url, storage_options)
     except Exception as error:  # unknown protocol, missing s3fs/gcsfs, bad options
-        raise JobError(f"--{what} {url}: {' '.join(str(error).split())}") from None
+        raise JobError(f"--{what} {url}: {one_line(error)}") from None
 
 
 def _discover(fs, path: str, url: str, exclude: Optional[str]) -> list[Shard]:
     try:
         shards = discover_shards(fs, path, exclude)
     except Exception as error:  # unreachable endpoint, no credentials, no such bucket
-        raise JobError(f"cannot list --input {url}: {' '.join(str(error).split()) or type(error).__name__}") from None
+        raise JobError(f"cannot list --input {url}: {one_line(error)}") from None
     if not shards:
-        raise JobError(f"no shards under --input {url} (expected .tar, .parquet or folders of images)")
+        raise JobError(f"no shards under --input {url} (expected .tar, .parquet or folders of images or videos)")
     return shards
 
 
@@ -165,38 +208,82 @@ def _model_files(model: str, max_new_tokens: int) -> Path:
     return path
 
 
-def _resources(args, cluster: dict) -> Resources:
+def _resources(config: JobConfig, cluster: dict) -> Resources:
     gpus = int(cluster.get("GPU", 0))
-    device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
+    device = config.device if config.device != "auto" else ("cuda" if gpus else "cpu")
     if device == "cuda" and not gpus:
         raise JobError("--device cuda, but the Ray cluster has no GPUs (yet: are its GPU workers up?)")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    replicas = args.replicas or (gpus if device == "cuda" else 1)
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    replicas = config.replicas or (gpus if device == "cuda" else 1)
     if device == "cuda" and replicas > gpus:
         raise JobError(f"--replicas {replicas} needs {replicas} GPUs, the Ray cluster has {gpus}")
-    batch_size = args.batch_size or (32 if device == "cuda" else 8)
-    compile_ = args.compile if args.compile is not None else device == "cuda"
+    batch_size = config.batch_size or (32 if device == "cuda" else 8)
+    compile_ = config.compile if config.compile is not None else device == "cuda"
     return Resources(device, dtype, replicas, batch_size, compile_)
+
+
+def _check_capacity(config: JobConfig, resources: Resources, nodes: list) -> None:
+    """Refuse a run that could never move: every replica holds a CPU of its node for its lifetime (a GPU replica
+    too, beside its GPU), and reading and preprocessing need at least one more CPU somewhere."""
+    cpus = sum(int(node["Resources"].get("CPU", 0)) for node in nodes)
+    if cpus - resources.replicas < 1:
+        raise JobError(
+            f"--replicas {resources.replicas}: the replicas would hold {resources.replicas} of the cluster's {cpus} "
+            f"CPUs (one each) and leave none to read and preprocess with; use at most {max(cpus - 1, 0)} replicas "
+            "or a cluster with more CPUs"
+        )
+    if resources.device == "cuda":
+        placeable = sum(min(int(n["Resources"].get("GPU", 0)), int(n["Resources"].get("CPU", 0))) for n in nodes)
+        if placeable < resources.replicas:
+            raise JobError(
+                f"--replicas {resources.replicas}: each GPU replica also holds a CPU of its node, and the GPU nodes "
+                f"have CPUs beside only {placeable} of their GPUs"
+            )
 
 
 # recorded in _job.json but not compared: an upgrade, or --dtype auto meeting another cluster, continues a job
 INFORMATIONAL_KEYS = ("package_version", "dtype")
 
 
-def job_fingerprint(args, model_dir: Path, preprocessor: SmolVLMPreprocessor, dtype: str) -> dict:
+def job_fingerprint(config: JobConfig, model_dir: Path, preprocessor: SmolVLMPreprocessor, dtype: str) -> dict:
     """What decides the captions (a rerun into the same output must match it), and what produced them."""
     return {
-        "model": args.model,
+        "model": config.model,
         "model_revision": model_revision(model_dir),
-        "prompt": args.prompt,
-        "max_new_tokens": args.max_new_tokens,
+        **prompts_fingerprint(config.prompts),
         "decoding": "greedy",
         "dtype": dtype,
         **preprocessor.fingerprint(),
-        "parquet_image_column": args.image_column,
-        "parquet_key_column": args.key_column,
+        "parquet_image_column": config.image_column,
+        "parquet_key_column": config.key_column,
         "package_version": fms_smolvlm.__version__,
     }
+
+
+def prompts_fingerprint(prompts: tuple) -> dict:
+    """One unnamed prompt keeps the fingerprint's ``prompt`` / ``max_new_tokens``; named ones are listed by name."""
+    if prompts[0].name is None:
+        return {"prompt": prompts[0].text, "max_new_tokens": prompts[0].max_new_tokens}
+    return {"prompts": {p.name: {"text": p.text, "max_new_tokens": p.max_new_tokens} for p in prompts}}
+
+
+def _prompt_changes(existing: dict, fingerprint: dict) -> list[str]:
+    """How this run's prompts differ from the output's: which were added, dropped or changed."""
+
+    def named(print_: dict) -> dict:  # the unnamed prompt is named ""
+        if "prompts" in print_:
+            return print_["prompts"]
+        if "prompt" in print_:
+            return {"": {"text": print_["prompt"], "max_new_tokens": print_.get("max_new_tokens")}}
+        return {}
+
+    old, new = named(existing), named(fingerprint)
+    label = lambda name: f"prompt {name}" if name else "prompt"  # noqa: E731
+    return (
+        [f"{label(name)} added" for name in new if name not in old]
+        + [f"{label(name)} dropped" for name in old if name not in new]
+        + [f"{label(name)} changed" for name in new if name in old and new[name] != old[name]]
+    )
 
 
 def hub_revision(model_dir: Path) -> Optional[str]:
@@ -220,8 +307,10 @@ def _check_output(fs, root: str, url: str, fingerprint: dict, overwrite: bool, d
     """The committed shards this run may skip; refuses an output that holds another job's results."""
     job_file = join(root, JOB_FILE)
     existing = read_json(fs, job_file) if fs.exists(job_file) else None
-    compared = sorted((set(existing or {}) | set(fingerprint)) - set(INFORMATIONAL_KEYS))
-    changed = [k for k in compared if existing is not None and existing.get(k) != fingerprint.get(k)]
+    changed = []
+    if existing is not None:
+        compared = sorted((set(existing) | set(fingerprint)) - set(INFORMATIONAL_KEYS) - {"prompt", "max_new_tokens", "prompts"})
+        changed = _prompt_changes(existing, fingerprint) + [k for k in compared if existing.get(k) != fingerprint.get(k)]
     if changed and not overwrite:
         raise JobError(
             f"--output {url} holds a job with different settings ({', '.join(changed)}); "
@@ -229,7 +318,7 @@ def _check_output(fs, root: str, url: str, fingerprint: dict, overwrite: bool, d
         )
     if overwrite:
         if not dry_run:
-            logger.warning("--overwrite: removing the previous results%s", f" ({', '.join(changed)} differ)" * bool(changed))
+            logger.warning("--overwrite: removing the previous results%s", f" ({', '.join(changed)})" * bool(changed))
             _remove_results(fs, root)
         return set()
     return committed_shards(fs, root)
@@ -244,9 +333,10 @@ def _remove_results(fs, root: str) -> None:
             fs.rm(join(root, name))
 
 
-def build_dataset(args, pending: list[Shard], resources: Resources, revision: Optional[str]):
+def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources, revision: Optional[str], video: bool):
     import ray
 
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     # a read task sends its rows on in blocks of this size while it reads (Ray's default would hold 128 MiB)
     ray.data.DataContext.get_current().target_max_block_size = DEFAULT_BATCH_BYTES
     dataset = ray.data.from_items(shard_items(pending), override_num_blocks=len(pending))
@@ -257,31 +347,44 @@ def build_dataset(args, pending: list[Shard], resources: Resources, revision: Op
         # a few shards read at a time: they complete (and commit) in order instead of all at the end
         compute=ray.data.TaskPoolStrategy(size=2 * resources.replicas),
         fn_kwargs={
-            "storage_options": args.storage_options,
-            "image_column": args.image_column,
-            "key_column": args.key_column,
+            "storage_options": config.storage_options,
+            "image_column": config.image_column,
+            "key_column": config.key_column,
             "batch_rows": resources.batch_size,
         },
+    )
+    preprocess = PreprocessSettings(
+        model=config.model,
+        revision=revision,
+        prompts=tuple(prompt.text for prompt in config.prompts),
+        image_longest_edge=config.image_longest_edge,
+        image_splitting=config.image_splitting,
+        max_image_pixels=config.max_image_pixels,
+        video_fps=config.video_fps,
+        video_max_frames=config.video_max_frames,
+        max_video_seconds=config.max_video_seconds,
     )
     dataset = dataset.map_batches(
         preprocess_batch,
         batch_format="pyarrow",
         batch_size=resources.batch_size,
-        # CPU tasks of their own (a task-pool cap also keeps Ray from fusing them into the model actors,
-        # where image decoding would stall the accelerator)
-        compute=ray.data.TaskPoolStrategy(size=preprocess_concurrency()),
-        fn_kwargs={
-            "model": args.model,
-            "revision": revision,
-            "prompt": args.prompt,
-            "image_longest_edge": args.image_longest_edge,
-            "image_splitting": args.image_splitting,
-            "max_image_pixels": args.max_image_pixels,
-        },
+        # CPU tasks of their own, on the CPUs the replicas leave
+        compute=ray.data.TaskPoolStrategy(size=max(1, cpus - resources.replicas)),
+        fn_kwargs={"settings": preprocess},
     )
     # CPU replicas share a node's cores (preprocessing tasks run beside them); GPU replicas need few threads
     node_cpus = max((int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]), default=1)
-    cpu_threads = max(1, node_cpus // resources.replicas)
+    replica = ReplicaSettings(
+        model=config.model,
+        revision=revision,
+        prompts=config.prompts,
+        video=video,
+        slots=resources.batch_size,
+        device=resources.device,
+        dtype=resources.dtype,
+        compile=resources.compile,
+        cpu_threads=max(1, node_cpus // resources.replicas) if resources.device == "cpu" else None,
+    )
     return dataset.map_batches(
         CaptionActor,
         batch_format="pyarrow",
@@ -292,24 +395,17 @@ def build_dataset(args, pending: list[Shard], resources: Resources, revision: Op
             max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
             max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
         ),
+        num_cpus=1,  # what _check_capacity counts on
         num_gpus=1 if resources.device == "cuda" else 0,
-        fn_constructor_kwargs={
-            "model": args.model,
-            "revision": revision,
-            "max_new_tokens": args.max_new_tokens,
-            "batch_size": resources.batch_size,
-            "device": resources.device,
-            "dtype": resources.dtype,
-            "compile": resources.compile,
-            "cpu_threads": cpu_threads if resources.device == "cpu" else None,
-        },
+        # replicas spread over the nodes; and an op with its own remote-arguments function is never fused with
+        # another, so Ray cannot fold the preprocessing into the replicas, where decoding images would stall them
+        ray_remote_args_fn=_spread,
+        fn_constructor_kwargs={"settings": replica},
     )
 
 
-def preprocess_concurrency() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def _spread() -> dict:
+    return {"scheduling_strategy": "SPREAD"}
 
 
 def _summary(committer: ShardCommitter, pending, done, started: float, failure: Optional[str]) -> dict:

@@ -6,9 +6,9 @@ A shard is the unit of work and of checkpointing:
   * a folder of loose images or video clips (its direct children).
 
 The read stage's rows (``SHARD_ROW_SCHEMA``), in batches of at most ``batch_rows`` rows / about ``batch_bytes``:
-  * a sample row: ``shard_id``, ``index`` (position in the shard), ``key``, ``image`` (the media file's bytes),
-    ``error`` (why the sample has no image; else null), ``shard_size`` null;
-  * then exactly one end-of-shard marker: ``key`` null, ``index`` -1, ``image`` null, and ``shard_size`` the
+  * a sample row: ``shard_id``, ``index`` (position in the shard), ``key``, ``media`` (the image or video file's bytes),
+    ``error`` (why the sample has none; else null), ``shard_size`` null;
+  * then exactly one end-of-shard marker: ``key`` null, ``index`` -1, ``media`` null, and ``shard_size`` the
     number of samples (0 for an empty shard), or -1 with ``error`` set when the shard could not be read, also
     when that happened halfway: the commit stage then drops the rows it already got.
 Memory per read task is a few batches, whatever the size of the shard.
@@ -23,6 +23,8 @@ from urllib.parse import quote
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from fms_smolvlm.errors import one_line
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -42,7 +44,7 @@ class Shard:
 @dataclass
 class Sample:
     key: str
-    image: Optional[bytes]  # an image's or a video's bytes
+    media: Optional[bytes]  # an image's or a video's bytes
     error: Optional[str] = None  # a sample that has no image gets an error row
 
 
@@ -121,7 +123,7 @@ def iter_samples(shard: Shard, storage_options: dict, image_column=None, key_col
     except ShardReadError:
         raise
     except Exception as error:  # corrupt tar, unreadable Parquet, vanished object: the whole shard fails
-        raise ShardReadError(f"cannot read shard {shard.url}: {' '.join(str(error).split()) or type(error).__name__}") from None
+        raise ShardReadError(f"cannot read shard {shard.url}: {one_line(error)}") from None
 
 
 def _webdataset_name(member: tarfile.TarInfo) -> Optional[tuple[str, str]]:
@@ -136,7 +138,7 @@ def _webdataset_name(member: tarfile.TarInfo) -> Optional[tuple[str, str]]:
 def _webdataset_sample(key: str, media: Optional[bytes], other_extensions: set) -> Sample:
     if media is not None:
         return Sample(key, media)
-    return Sample(key, None, f"sample has no image file ({', '.join(sorted(other_extensions))})")
+    return Sample(key, None, f"sample has no image or video file ({', '.join(sorted(other_extensions))})")
 
 
 def _read_webdataset(fs, path: str, image_column, key_column) -> Iterator[Sample]:
@@ -230,7 +232,7 @@ SHARD_ROW_SCHEMA = pa.schema(
         ("shard_size", pa.int64()),  # null on sample rows; the marker's sample count, or -1: the shard failed
         ("index", pa.int64()),  # position in the shard; -1 on the marker
         ("key", pa.string()),  # null on the marker (the stages downstream pass such rows through)
-        ("image", pa.large_binary()),  # 64-bit offsets: a batch of video clips may pass 2 GiB
+        ("media", pa.large_binary()),  # an image's or a video's bytes; 64-bit offsets: a batch of video clips may pass 2 GiB
         ("error", pa.string()),
     ]
 )
@@ -245,7 +247,7 @@ def shard_items(shards: list[Shard]) -> list[dict]:
 
 
 def end_of_shard(shard_id: str, shard_size: int, error: Optional[str] = None) -> dict:
-    return {"shard_id": shard_id, "shard_size": shard_size, "index": -1, "key": None, "image": None, "error": error}
+    return {"shard_id": shard_id, "shard_size": shard_size, "index": -1, "key": None, "media": None, "error": error}
 
 
 def _table(rows: list[dict]) -> pa.Table:
@@ -267,9 +269,9 @@ def read_shard_batches(
     try:
         for sample in iter_samples(shard, storage_options, image_column, key_column):
             rows.append({"shard_id": shard.shard_id, "shard_size": None, "index": count, "key": sample.key,
-                         "image": sample.image, "error": sample.error})
+                         "media": sample.media, "error": sample.error})
             count += 1
-            rows_bytes += len(sample.image or b"")
+            rows_bytes += len(sample.media or b"")
             if len(rows) == batch_rows or rows_bytes >= batch_bytes:
                 yield _table(rows)
                 rows, rows_bytes = [], 0

@@ -1,86 +1,67 @@
 """The CPU preprocessing stage and the captioning actor, as Ray Data ``map_batches`` callables.
 
-Rows flow as Arrow tables with explicit schemas. A row whose ``key`` is null is a shard marker (an
-empty or unreadable shard) that passes through untouched so the commit stage learns about the shard.
+Rows flow as Arrow tables with explicit schemas. A row whose ``key`` is null is an end-of-shard marker that
+passes through untouched, so that the commit stage learns each shard's size (or why it could not be read).
 """
 
 import asyncio
+import logging
 import os
 import socket
-from functools import lru_cache
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
 from fms_smolvlm.captioner import CaptionResult
-from fms_smolvlm.checkpoint import resolve_checkpoint
-from fms_smolvlm.processing import ProcessedSample, SmolVLMPreprocessor
-from pipeline.commit import OUTPUT_SCHEMA
+from fms_smolvlm.processing import ProcessedSample
+from pipeline.commit import output_schema
+from pipeline.config import PreprocessSettings, ReplicaSettings
+
+logger = logging.getLogger(__name__)
 
 PREPROCESSED_SCHEMA = pa.schema(
     [
         ("shard_id", pa.string()),
-        ("shard_size", pa.int64()),  # -1: the shard could not be read (error says why)
+        ("shard_size", pa.int64()),  # null on samples; the marker's sample count, or -1: the shard failed
         ("index", pa.int64()),  # position in the shard; -1 for a shard marker
         ("key", pa.string()),
         ("error", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("input_ids", pa.binary()),  # int32 token ids
-        ("tiles", pa.binary()),  # uint8 (num_tiles, 3, M, M)
+        ("num_frames", pa.int32()),  # a video's sampled frames; null for an image
+        ("prompt_ids", pa.list_(pa.binary())),  # int32 token ids, one per prompt
+        ("tiles", pa.large_binary()),  # uint8 (num_tiles, 3, M, M), once for every prompt
         ("num_tiles", pa.int32()),
     ]
 )
+# what the commit stage needs besides the output columns: to group rows by shard, and to report replicas
+ROUTING_COLUMNS = [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string())]
 
-# the output columns, plus what the commit stage needs to group rows by shard and to report replicas
-CAPTION_SCHEMA = pa.schema(
-    list(OUTPUT_SCHEMA) + [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string())]
-)
-
-
-@lru_cache(maxsize=4)
-def _preprocessor(model: str, revision, image_longest_edge, image_splitting, max_image_pixels) -> SmolVLMPreprocessor:
-    # one per worker process: the tokenizer and configs load once, not per batch
-    model_dir = resolve_checkpoint(model, weights=False, revision=revision)
-    return SmolVLMPreprocessor.from_pretrained(model_dir, image_longest_edge, image_splitting, max_image_pixels)
+# Ray Data batches a replica holds at once: while one waits for its last caption, the others keep the slots full
+BATCHES_IN_FLIGHT = 3
 
 
-def preprocess_batch(
-    batch: pa.Table,
-    model: str,
-    revision: Optional[str],
-    prompt: str,
-    image_longest_edge: Optional[int],
-    image_splitting: Optional[bool],
-    max_image_pixels: int,
-) -> pa.Table:
-    """Decode, orient, tile and tokenize each image; a bad image becomes a row with ``error`` set."""
-    preprocessor = _preprocessor(model, revision, image_longest_edge, image_splitting, max_image_pixels)
+def preprocess_batch(batch: pa.Table, settings: PreprocessSettings) -> pa.Table:
+    """Decode, orient, tile (or sample a clip's frames) and tokenize every prompt for each sample; a bad image or
+    video becomes a row with ``error`` set."""
+    preprocessor = settings.preprocessor()
     columns = {name: [] for name in PREPROCESSED_SCHEMA.names}
     for row in batch.to_pylist():
-        sample = _preprocess_row(preprocessor, row, prompt)
-        columns["shard_id"].append(row["shard_id"])
-        for name in ("shard_size", "index", "key"):
+        if row["key"] is None or row["error"] is not None:  # a marker, or a sample the reader found no media in
+            sample = ProcessedSample((), None, error=row["error"])
+        else:
+            sample = preprocessor.process(row["media"], settings.prompts)
+        ok = sample.error is None
+        for name in ("shard_id", "shard_size", "index", "key"):
             columns[name].append(row[name])
         columns["error"].append(sample.error)
         columns["width"].append(sample.width)
         columns["height"].append(sample.height)
-        ok = sample.error is None and bool(sample.prompt_ids)
-        columns["input_ids"].append(sample.input_ids.astype(np.int32).tobytes() if ok else None)
-        columns["tiles"].append(sample.tiles.tobytes() if ok else None)
+        columns["num_frames"].append(sample.num_frames)
+        columns["prompt_ids"].append([ids.astype(np.int32).tobytes() for ids in sample.prompt_ids] if ok else None)
+        columns["tiles"].append(sample.tiles.tobytes() if ok and sample.tiles is not None else None)
         columns["num_tiles"].append(sample.num_tiles if ok else None)
     return pa.table(columns, schema=PREPROCESSED_SCHEMA)
-
-
-def _preprocess_row(preprocessor: SmolVLMPreprocessor, row: dict, prompt: str) -> ProcessedSample:
-    if row["key"] is None or row["error"] is not None:  # a shard marker, or a sample the reader found no image in
-        return ProcessedSample((), None, error=row["error"])
-    return preprocessor.process(row["image"], [prompt])
-
-
-# Ray Data batches a replica holds at once: while one waits for its last caption, the others keep the slots full
-BATCHES_IN_FLIGHT = 3
 
 
 class CaptionActor:
@@ -91,62 +72,71 @@ class CaptionActor:
     happens while the engine decodes other batches' rows.
     """
 
-    def __init__(
-        self,
-        model: str,
-        revision: Optional[str],
-        max_new_tokens: int,
-        batch_size: int,
-        device: str,
-        dtype: str,
-        compile: bool,
-        cpu_threads: Optional[int] = None,
-    ):
+    def __init__(self, settings: ReplicaSettings):
         import torch
 
         from fms_smolvlm import Captioner
         from fms_smolvlm.generation import BackgroundEngine, SamplingParams
 
-        if cpu_threads:  # Ray limits a 1-CPU worker to one thread; a CPU replica should use its share of the node
-            torch.set_num_threads(cpu_threads)
+        if settings.cpu_threads:  # Ray limits a 1-CPU worker to one thread; a CPU replica uses its share of the node
+            torch.set_num_threads(settings.cpu_threads)
         self.captioner = Captioner.from_pretrained(
-            model, device=device, dtype=dtype, compile=compile, max_batch_size=batch_size, warmup=compile,
-            revision=revision,
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            compile=settings.compile,
+            max_batch_size=settings.slots,
+            warmup=settings.compile,
+            revision=settings.revision,
         )
         self.engine = BackgroundEngine(self.captioner.engine)
-        self.params = SamplingParams(max_new_tokens)
+        self.prompts = settings.prompts
+        self.params = tuple(SamplingParams(prompt.max_new_tokens) for prompt in settings.prompts)
+        self.schema = pa.schema(list(output_schema([p.columns for p in settings.prompts], settings.video)) + ROUTING_COLUMNS)
         self.tile_size = self.captioner.preprocessor.settings.tile_size
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{self.captioner.engine.device}"
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        samples = [self._sample(row) for row in rows if row["key"] is not None]
+        samples = [self._sample(row) for row in rows]
         requests = self.captioner.requests(samples, [0] * len(samples), [self.params] * len(samples))
         generations = await asyncio.gather(*(self._generate(request) for request in requests))
-        results = iter(self.captioner.result(s, g) for s, g in zip(samples, generations))
-        columns = {name: [] for name in CAPTION_SCHEMA.names}
-        for row in rows:
-            # shard markers pass through: they tell the commit stage about empty or unreadable shards
-            result = CaptionResult(None, [], None, None, None, row["error"]) if row["key"] is None else next(results)
-            for name in ("shard_id", "shard_size", "index", "key", "width", "height"):
-                columns[name].append(row[name])
-            columns["caption"].append(result.text)
-            columns["error"].append(result.error)
-            columns["num_image_tokens"].append(result.num_image_tokens if result.error is None else None)
-            columns["num_generated_tokens"].append(result.num_generated_tokens if result.error is None else None)
-            columns["finish_reason"].append(result.finish_reason)
-            columns["replica"].append(self.replica)
-        return pa.table(columns, schema=CAPTION_SCHEMA)
+        columns = {name: [] for name in self.schema.names}
+        for row, sample, generation in zip(rows, samples, generations):
+            if row["key"] is None:  # an end-of-shard marker passes through: the commit stage learns the shard's size
+                results = [CaptionResult(None, [], None, None, None, row["error"])] * len(self.prompts)
+            else:
+                results = self.captioner.results(sample, generation, len(self.prompts))
+            self._append(columns, row, results)
+        return pa.table(columns, schema=self.schema)
 
     async def _generate(self, request):
-        """The request's generation; None for a sample without one (its error row needs none)."""
+        """The request's generations (one per prompt); None for a sample without one (its error row needs none)."""
         if request is None:
             return None
-        return (await asyncio.wrap_future(self.engine.submit(request)))[0]
+        return await asyncio.wrap_future(self.engine.submit(request))
+
+    def _append(self, columns: dict, row: dict, results: list[CaptionResult]) -> None:
+        failed = results[0].error is not None
+        for name in ("shard_id", "shard_size", "index", "key", "width", "height", "num_frames"):
+            if name in columns:
+                columns[name].append(row[name])
+        columns["error"].append(results[0].error)
+        columns["num_image_tokens"].append(None if failed else results[0].num_image_tokens)
+        for prompt, result in zip(self.prompts, results):
+            text, finish_reason, tokens = prompt.columns
+            columns[text].append(result.text)
+            columns[finish_reason].append(result.finish_reason)
+            columns[tokens].append(None if failed else result.num_generated_tokens)
+        columns["replica"].append(self.replica)
 
     def _sample(self, row: dict) -> ProcessedSample:
+        if row["key"] is None:  # a marker: nothing to generate
+            return ProcessedSample((), None, error="end of shard")
         if row["error"] is not None:
             return ProcessedSample((), None, error=row["error"])
-        ids = np.frombuffer(row["input_ids"], dtype=np.int32).astype(np.int64)
-        tiles = np.frombuffer(row["tiles"], dtype=np.uint8).reshape(row["num_tiles"], 3, self.tile_size, self.tile_size)
-        return ProcessedSample((ids,), tiles, row["width"], row["height"])
+        ids = tuple(np.frombuffer(data, dtype=np.int32).astype(np.int64) for data in row["prompt_ids"])
+        tiles = None
+        if row["tiles"] is not None:
+            tiles = np.frombuffer(row["tiles"], dtype=np.uint8).reshape(row["num_tiles"], 3, self.tile_size, self.tile_size)
+        return ProcessedSample(ids, tiles, row["width"], row["height"], num_frames=row["num_frames"])

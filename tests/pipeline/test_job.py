@@ -124,7 +124,7 @@ def test_bad_data_becomes_error_rows(run_job, tmp_path):
     assert bad["a"]["error"] is None and bad["a"]["caption"]
     assert "truncated" in bad["b"]["error"] and bad["b"]["caption"] is None
     assert bad["c"]["error"] == "not an image (unrecognised file format)"
-    assert bad["d"]["error"] == "sample has no image file (json)"
+    assert bad["d"]["error"] == "sample has no image or video file (json)"
     checkpoint = json.loads((tmp_path / "output" / "_checkpoints" / "bad.tar.json").read_text())
     assert checkpoint["rows"] == 4 and checkpoint["error_rows"] == 3
 
@@ -173,7 +173,7 @@ def test_changed_settings_are_refused_unless_overwrite(run_job, tmp_path, capsys
     capsys.readouterr()
     assert run_job(tmp_path / "input", tmp_path / "output", "--prompt", "What color dominates?") == 2
     error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0 and "different settings (prompt)" in error and "--overwrite" in error
+    assert error.count("\n") == 0 and "different settings (prompt changed)" in error and "--overwrite" in error
     assert run_job(tmp_path / "input", tmp_path / "output", "--prompt", "What color dominates?", "--overwrite") == 0
     assert json.loads((tmp_path / "output" / "_summary.json").read_text())["shards_done"] == 2
     assert json.loads((tmp_path / "output" / "_job.json").read_text())["prompt"] == "What color dominates?"

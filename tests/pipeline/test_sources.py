@@ -139,17 +139,17 @@ def test_webdataset_rows_in_tar_order_in_bounded_batches(tmp_path):
 
     assert all(table.schema == SHARD_ROW_SCHEMA for table in tables)
     assert [table.num_rows for table in tables] == [3, 3, 1 + 1]  # 7 samples, the marker with the last ones
-    assert [(r["index"], r["key"], r["image"], r["error"]) for r in sample_rows(tables)] == [
+    assert [(r["index"], r["key"], r["media"], r["error"]) for r in sample_rows(tables)] == [
         (0, "b", b"jpeg-b", None),
         (1, "a", b"png-a", None),
         (2, "clip", b"video-bytes", None),  # a video is a sample's media file too
         (3, "sub/x", b"webp-x", None),  # the first media file; later ones are not read
-        (4, "meta", None, "sample has no image file (json)"),
+        (4, "meta", None, "sample has no image or video file (json)"),
         (5, "c", b"jpeg-c", None),
-        (6, "d", None, "sample has no image file (seg.png)"),
+        (6, "d", None, "sample has no image or video file (seg.png)"),
     ]
     assert all(row["shard_id"] == "a.tar" and row["shard_size"] is None for row in sample_rows(tables))
-    assert markers(tables) == [{"shard_id": "a.tar", "shard_size": 7, "index": -1, "key": None, "image": None,
+    assert markers(tables) == [{"shard_id": "a.tar", "shard_size": 7, "index": -1, "key": None, "media": None,
                                 "error": None}]
     assert tables[-1].to_pylist()[-1]["key"] is None  # the marker is the shard's last row
 
@@ -169,7 +169,7 @@ def test_parquet_rows_across_row_groups(tmp_path):
 
     tables = read_all(Shard("p.parquet", str(tmp_path / "p.parquet"), "parquet"), batch_rows=4)
     assert [table.num_rows for table in tables] == [4, 4, 2 + 1]
-    assert [(r["index"], r["key"], r["image"], r["error"]) for r in sample_rows(tables)] == [
+    assert [(r["index"], r["key"], r["media"], r["error"]) for r in sample_rows(tables)] == [
         (i, keys[i], images[i], "empty image cell" if images[i] is None else None) for i in range(10)
     ]
     assert [m["shard_size"] for m in markers(tables)] == [10]
@@ -181,7 +181,7 @@ def test_parquet_hf_image_structs_without_a_key_column(tmp_path):
     pq.write_table(pa.table({"image": images, "label": list(range(12))}), tmp_path / "hf.parquet", row_group_size=5)
     tables = read_all(Shard("hf.parquet", str(tmp_path / "hf.parquet"), "parquet"), batch_rows=5)
     # no key column: zero-padded positions, as wide as the largest
-    assert [(r["key"], r["image"]) for r in sample_rows(tables)] == [(f"{i:02d}", f"b{i}".encode()) for i in range(12)]
+    assert [(r["key"], r["media"]) for r in sample_rows(tables)] == [(f"{i:02d}", f"b{i}".encode()) for i in range(12)]
 
 
 def test_a_folder_of_video_clips_in_name_order(tmp_path):
@@ -195,7 +195,7 @@ def test_a_folder_of_video_clips_in_name_order(tmp_path):
     [shard] = discover_shards(fsspec.filesystem("file"), str(tmp_path))
     assert (shard.shard_id, shard.format) == ("clips", "folder")  # a folder of clips alone is a shard
     tables = read_all(shard, batch_rows=2)
-    assert [(r["index"], r["key"], r["image"]) for r in sample_rows(tables)] == [
+    assert [(r["index"], r["key"], r["media"]) for r in sample_rows(tables)] == [
         (0, "a.mp4", b"clip-a"), (1, "b.webm", b"clip-b"), (2, "c.mkv", b"clip-c"), (3, "d.MOV", b"clip-d"),
         (4, "e.avi", b"clip-e"),
     ]
@@ -213,7 +213,7 @@ def test_an_empty_shard_is_one_marker_of_size_0(tmp_path):
                   Shard("e.parquet", str(tmp_path / "e.parquet"), "parquet")):
         tables = read_all(shard)
         assert [table.to_pylist() for table in tables] == [
-            [{"shard_id": shard.shard_id, "shard_size": 0, "index": -1, "key": None, "image": None, "error": None}]
+            [{"shard_id": shard.shard_id, "shard_size": 0, "index": -1, "key": None, "media": None, "error": None}]
         ]
 
 
@@ -284,5 +284,5 @@ def test_every_format_streams_from_s3(s3_server, tmp_path):
     assert [(s.shard_id, s.format) for s in shards] == [("a.tar", "webdataset"), ("b.parquet", "parquet"), ("c", "folder")]
     for shard, expected in zip(shards, (b"tar", b"pq", b"png")):
         tables = list(read_shard_batches(shard_items([shard])[0], options, batch_rows=2))
-        assert [r["image"] for r in sample_rows(tables)] == [expected + f" {i}".encode() for i in range(5)]
+        assert [r["media"] for r in sample_rows(tables)] == [expected + f" {i}".encode() for i in range(5)]
         assert [m["shard_size"] for m in markers(tables)] == [5]
