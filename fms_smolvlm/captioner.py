@@ -106,12 +106,13 @@ class Captioner:
         return captioner
 
     def warmup(self, max_new_tokens: int = 8) -> None:
-        """Run a full batch of synthetic images through the engine (and the compiler)."""
+        """Run a full batch of synthetic images through the engine (and the compiler), decoding every step (a random
+        or an eager model would otherwise stop at once and leave the decode step uncompiled)."""
         from PIL import Image
 
         tile = self.preprocessor.settings.tile_size
         image = Image.new("RGB", (tile * 2, tile), (127, 127, 127))
-        self.generate([image] * self.engine.max_batch_size, max_new_tokens=max_new_tokens)
+        self.generate([image] * self.engine.max_batch_size, max_new_tokens=max_new_tokens, ignore_eos=True)
 
     def preprocess(self, images: Sequence[Optional[ImageInput]], prompt: str) -> list[ProcessedSample]:
         return self.preprocess_prompts(images, [prompt])

@@ -202,11 +202,12 @@ def extend(model: SmolVLM, ids, features, positions, slots, attend: str, attend_
     return model.language_model.head(hidden[torch.arange(ids.shape[0], device=ids.device), last])
 
 
-def decode_step(model: SmolVLM, tokens, lengths, active, sampling: Optional["RowSampling"], attend_len: int, cache_layers):
-    """One token for each slot of ``[0, rows)``. Advances the slots' state in place (each slot's next input token,
-    and the length and sampling step of the decoding ones), so that the host does nothing between two steps;
-    returns the new tokens ``(rows,)``."""
-    rows = tokens.shape[0]
+def decode_step(model: SmolVLM, tokens, lengths, active, sampling: Optional["RowSampling"], rows: int, attend_len: int, cache_layers):
+    """One token for each slot of ``[0, rows)``; returns them ``(rows,)``. The slot state (``tokens``, ``lengths``,
+    ``active``, ``sampling``: whole tensors, one entry per slot, at fixed addresses, so that CUDA graphs may update
+    them) advances in place: each slot's next input token, and the length and sampling step of the decoding ones.
+    The host does nothing between two steps."""
+    tokens, lengths, active = tokens[:rows], lengths[:rows], active[:rows]
     positions = lengths[:, None]
     keys = torch.arange(attend_len, device=tokens.device)
     hidden, _ = model.decode(
@@ -221,6 +222,7 @@ def decode_step(model: SmolVLM, tokens, lengths, active, sampling: Optional["Row
         attend="leading",
         attend_len=attend_len,
     )
+    sampling = None if sampling is None else sampling.rows(rows)
     chosen = choose_tokens(model.language_model.head(hidden[:, -1]), sampling)
     tokens.copy_(chosen)
     lengths.add_(active)
@@ -386,10 +388,12 @@ class GenerationEngine:
         sync_every: int = 4,
         prefill_chunk: int = 2048,
         max_prefill_tokens: int = 8192,
+        max_vision_tiles: int = 128,
     ):
         """``max_batch_size`` slots decode together. Every ``sync_every`` decode steps the host looks at the new
         tokens and fills freed slots; a prompt is written in chunks of at most ``prefill_chunk`` tokens and one
-        extend step writes at most ``max_prefill_tokens`` (padding included), so a decode step never waits long.
+        extend step writes at most ``max_prefill_tokens`` (padding included), so a decode step never waits long; the
+        vision tower sees at most ``max_vision_tiles`` tiles per call (an image with more is encoded alone).
         ``cache_budget_bytes``: the largest KV cache to allocate (default: 40% of the GPU's memory, 4 GiB on the CPU)."""
         self.model = model.eval()
         self.device = model.device
@@ -400,6 +404,7 @@ class GenerationEngine:
         self.sync_every = sync_every
         self.prefill_chunk = prefill_chunk
         self.max_prefill_tokens = max(max_prefill_tokens, prefill_chunk)
+        self.max_vision_tiles = max_vision_tiles
         self.cache_budget_bytes = cache_budget_bytes or default_cache_budget(self.device)
         # positions RoPE has a table for; a sequence also needs a window's overshoot and the scratch position
         self.rope_positions = model.config.text_config.max_expected_seq_len
@@ -439,6 +444,8 @@ class GenerationEngine:
         prompts = [np.asarray(ids, dtype=np.int64) for ids in request.prompt_ids]
         if len(prompts) != len(request.params) or not prompts:
             raise ValueError(f"a request needs one SamplingParams per prompt, got {len(request.params)} for {len(prompts)}")
+        if len(prompts) > self.max_batch_size:  # its prompts decode side by side, one slot each
+            raise ValueError(f"a request of {len(prompts)} prompts needs as many slots; the engine has {self.max_batch_size}")
         for ids, params in zip(prompts, request.params):
             self._check_fits(len(ids), params.max_new_tokens)
         ticket = self._next_ticket
@@ -467,7 +474,7 @@ class GenerationEngine:
         decoding slot, retire what finished. Returns the tickets completed in this round."""
         with self._compile_settings():
             finished = self._admit()
-            if self._state.decoding_rows:
+            if self._state.decoding_slots:
                 self._decode_window()
                 finished += self._retire()
             self._compact()
@@ -539,17 +546,25 @@ class GenerationEngine:
         return chunks
 
     def _encode_images(self, fills: list["_Fill"]) -> None:
-        """The vision tower once for every new image of this round, all tiles in one call."""
+        """The vision tower once for every new image of this round, in calls of at most ``max_vision_tiles`` tiles
+        (a 64-frame video and its neighbours' 5-tile images are not one activation peak)."""
         pending = list({id(f.images): f.images for f in fills if f.images is not None and f.images.features is None}.values())
-        if not pending:
-            return
-        tiles = torch.from_numpy(np.concatenate([images.tiles for images in pending])).to(self.device)
+        group: list = []
+        for images in pending + [None]:
+            if group and (images is None or sum(len(g.tiles) for g in group) + len(images.tiles) > self.max_vision_tiles):
+                self._encode_group(group)
+                group = []
+            if images is not None:
+                group.append(images)
+
+    def _encode_group(self, group: list["_Images"]) -> None:
+        tiles = torch.from_numpy(np.concatenate([images.tiles for images in group])).to(self.device)
         features = self._vision(tiles)
         self._counts["vision_calls"] += 1
         self._counts["vision_tiles"] += tiles.shape[0]
         per_tile = features.shape[0] // tiles.shape[0]
-        offsets = np.cumsum([0] + [len(images.tiles) * per_tile for images in pending])
-        for images, start, stop in zip(pending, offsets[:-1], offsets[1:]):
+        offsets = np.cumsum([0] + [len(images.tiles) * per_tile for images in group])
+        for images, start, stop in zip(group, offsets[:-1], offsets[1:]):
             images.features = features[start:stop]
 
     def _write_chunks(self, batch: list[tuple["_Fill", int]], attend: str) -> list[int]:
@@ -616,19 +631,24 @@ class GenerationEngine:
 
     def _decode_window(self) -> None:
         state = self._state
-        rows = state.decoding_rows
+        rows = self._decode_rows()
         longest = max(self._slots[slot].length for slot in state.decoding_slots)
         attend_len = min(round_up(longest + self.sync_every, LENGTH_BUCKETS), self.cache.length)
         self._decode_shapes.add((rows, attend_len))
-        sampling = state.sampling.rows(rows) if state.any_sampling else None
-        tokens, lengths, active, history = state.tokens[:rows], state.lengths[:rows], state.active[:rows], state.history
+        sampling = state.sampling if state.any_sampling else None
         for step in range(self.sync_every):
-            history[:rows, step] = self._decode(self.model, tokens, lengths, active, sampling, attend_len, self.cache.layers)
+            state.history[:rows, step] = self._decode(
+                self.model, state.tokens, state.lengths, state.active, sampling, rows, attend_len, self.cache.layers
+            )
         self._counts["decode_steps"] += self.sync_every
+
+    def _decode_rows(self) -> int:
+        """The decode step runs over slots ``[0, rows)``: up to the highest decoding slot, rounded up to a bucket."""
+        return round_up(self._state.highest_decoding_slot + 1, self.batch_buckets)
 
     def _retire(self) -> list[int]:
         """Read the window's tokens once; hand back the sequences that stopped or reached their limit."""
-        history = self._state.history[: self._state.decoding_rows].tolist()
+        history = self._state.history[: self._decode_rows()].tolist()
         finished = []
         for slot in list(self._state.decoding_slots):
             sequence = self._slots[slot]
@@ -669,7 +689,7 @@ class GenerationEngine:
         if self._waiting or self._filling or not state.decoding_slots:
             return
         needed = round_up(len(state.decoding_slots), self.batch_buckets)
-        if needed >= state.decoding_rows:
+        if needed >= self._decode_rows():
             return
         for slot in sorted(state.decoding_slots, reverse=True):
             target = self._free_slots()[0]
@@ -738,14 +758,15 @@ class _SlotState:
             seeds=torch.zeros(slots, dtype=torch.int64, device=device),
             steps=torch.zeros(slots, dtype=torch.int64, device=device),
         )
+        for tensor in (self.tokens, self.lengths, self.active, *vars(self.sampling).values()):
+            torch._dynamo.mark_static_address(tensor)  # the decode step updates them in place, also in a CUDA graph
         self.device = device
         self.decoding_slots: set = set()
         self.sampling_slots: set = set()
 
     @property
-    def decoding_rows(self) -> int:
-        """The decode step runs over slots ``[0, rows)``: up to the highest decoding slot."""
-        return max(self.decoding_slots) + 1 if self.decoding_slots else 0
+    def highest_decoding_slot(self) -> int:
+        return max(self.decoding_slots)
 
     @property
     def any_sampling(self) -> bool:

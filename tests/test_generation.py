@@ -210,3 +210,22 @@ def test_background_engine_serves_concurrent_callers(eager, arrivals):
         assert background.submit(requests[1]).result(timeout=60)[0].token_ids == expected[1]  # still serving
     finally:
         background.close()
+
+
+def test_a_video_sized_request_and_small_images_decode_together(checkpoint, eager):
+    """One request with 64 tiles (a 64-frame clip's worth) among 5-tile ones: the vision tower takes them in calls
+    of bounded size, and every request gets the tokens it gets alone."""
+    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=4)
+    captioner.engine.max_vision_tiles = 40
+    small = eager.preprocess(mixed_images(3), PROMPT)
+    ids = eager.preprocessor.prompt_ids(PROMPT, 0, 0).tolist()  # one unsplit tile
+    image_id = eager.preprocessor.image_token_id
+    first, last = ids.index(image_id), len(ids) - ids[::-1].index(image_id)
+    video_ids = np.asarray(ids[:first] + ids[first:last] * 64 + ids[last:], dtype=np.int64)  # 64 tiles' tokens
+    video_tiles = np.random.default_rng(0).integers(0, 256, size=(64, 3, 32, 32), dtype=np.uint8)
+    requests = [Request((video_ids,), video_tiles, (SamplingParams(8, ignore_eos=True),))] + [
+        Request((s.input_ids,), s.tiles, (SamplingParams(8, ignore_eos=True),)) for s in small
+    ]
+    together = [g[0].token_ids for g in captioner.engine.generate(requests)]
+    assert together == [g[0].token_ids for request in requests for g in eager.engine.generate([request])]
+    assert captioner.engine.stats()["vision_calls"] >= 2  # 64 + 3 x (5..17) tiles do not fit one call of 40

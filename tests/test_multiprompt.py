@@ -59,3 +59,9 @@ def test_per_prompt_limits_and_the_single_prompt_form(checkpoint):
     assert single.token_ids == results[2].token_ids and single.num_image_tokens == results[2].num_image_tokens
     with pytest.raises(ValueError, match="2 limits for 3 prompts"):
         captioner.generate([image], prompts=PROMPTS, max_new_tokens=[1, 3])
+
+
+def test_a_request_with_more_prompts_than_slots_is_refused(checkpoint):
+    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=2)
+    with pytest.raises(ValueError, match="a request of 3 prompts needs as many slots; the engine has 2"):
+        captioner.generate([random_image(40, 40)], prompts=PROMPTS)
