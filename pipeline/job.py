@@ -81,7 +81,7 @@ def _run(config: JobConfig) -> int:
     if not ray.is_initialized():  # joins the cluster under `ray job submit`, else starts a local instance
         ray.init(logging_level=logging.WARNING)
     resources = _resources(config, ray.cluster_resources())
-    _check_capacity(config, resources, [node for node in ray.nodes() if node["Alive"]])
+    _check_capacity(resources, [node for node in ray.nodes() if node["Alive"]])
     fingerprint = job_fingerprint(config, model_dir, preprocessor, resources.dtype)
     revision = hub_revision(model_dir)
     if config.dry_run:
@@ -222,7 +222,7 @@ def _resources(config: JobConfig, cluster: dict) -> Resources:
     return Resources(device, dtype, replicas, batch_size, compile_)
 
 
-def _check_capacity(config: JobConfig, resources: Resources, nodes: list) -> None:
+def _check_capacity(resources: Resources, nodes: list) -> None:
     """Refuse a run that could never move: every replica holds a CPU of its node for its lifetime (a GPU replica
     too, beside its GPU), and reading and preprocessing need at least one more CPU somewhere."""
     cpus = sum(int(node["Resources"].get("CPU", 0)) for node in nodes)
@@ -379,7 +379,7 @@ def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources,
         revision=revision,
         prompts=config.prompts,
         video=video,
-        slots=resources.batch_size,
+        slots=resources.batch_size * len(config.prompts),  # an image's prompts decode side by side
         device=resources.device,
         dtype=resources.dtype,
         compile=resources.compile,
