@@ -35,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fms_smolvlm.checkpoint import ProcessorConfigError, VideoSampling, read_processor_config
 from fms_smolvlm.errors import one_line
+from fms_smolvlm.sizes import longest_edge_size, tile_grid_size
 from fms_smolvlm.prompts import IMAGE_TOKEN, VIDEO_TOKEN, image_prompt, render_user_turn, video_prompt
 from fms_smolvlm.video import (
     DEFAULT_MAX_SECONDS,
@@ -48,7 +49,6 @@ from fms_smolvlm.video import (
 
 ImageInput = Union[bytes, bytearray, memoryview, Image.Image]
 
-MAX_RESIZED_EDGE = 4096  # HF's absolute cap on the resized image
 # HF's Idefics3/SmolVLM image processor class defaults, for a processor config that omits them
 HF_DEFAULT_SIZE = {"longest_edge": 4 * 364}
 HF_DEFAULT_TILE = {"longest_edge": 364}
@@ -103,45 +103,6 @@ class ProcessedSample:
     @property
     def num_tiles(self) -> int:
         return 0 if self.tiles is None else self.tiles.shape[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Sizes (pure integer/float arithmetic in HF's exact order of operations)
-
-
-def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """Scale so the longest side is ``longest_edge`` (up or down), keep the short side even, cap at 4096."""
-    aspect_ratio = width / height
-    if width >= height:
-        width = longest_edge
-        height = int(width / aspect_ratio)
-        height += height % 2
-    else:
-        height = longest_edge
-        width = int(height * aspect_ratio)
-        width += width % 2
-    height, width = max(height, 1), max(width, 1)
-
-    aspect_ratio = width / height
-    if width >= height and width > MAX_RESIZED_EDGE:
-        width = MAX_RESIZED_EDGE
-        height = int(width / aspect_ratio)
-    elif height > width and height > MAX_RESIZED_EDGE:
-        height = MAX_RESIZED_EDGE
-        width = int(height * aspect_ratio)
-    return max(height, 1), max(width, 1)
-
-
-def tile_grid_size(height: int, width: int, tile: int) -> tuple[int, int]:
-    """Round up to whole tiles, the long side first and the other from the aspect ratio."""
-    aspect_ratio = width / height
-    if width >= height:
-        width = math.ceil(width / tile) * tile
-        height = math.ceil(int(width / aspect_ratio) / tile) * tile
-    else:
-        height = math.ceil(height / tile) * tile
-        width = math.ceil(int(height * aspect_ratio) / tile) * tile
-    return height, width
 
 
 # ---------------------------------------------------------------------------------------------

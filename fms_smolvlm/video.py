@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fms_smolvlm.errors import one_line
+from fms_smolvlm.sizes import resized_frame_size
 
-MAX_RESIZED_EDGE = 4096  # HF's absolute cap on the video resize
 DEFAULT_MAX_SECONDS = 3 * 3600
 
 # ISO-BMFF major brands that are still images (HEIF/AVIF), not movies
@@ -141,22 +141,6 @@ def sample_frame_indices(metadata: VideoMetadata, fps: float, max_frames: int, s
 def frame_timestamps(indices: Sequence[int], fps: float) -> list:
     """HF's ``VideoMetadata.timestamps``: seconds as ``index / fps``."""
     return [int(index) / fps for index in indices]
-
-
-def resized_frame_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """The video processor's ``get_resize_output_image_size``: the longest side becomes ``longest_edge``
-    (capped at 4096 first, unlike the image path), the other follows the aspect ratio rounded up to even."""
-    longest_edge = min(MAX_RESIZED_EDGE, longest_edge)
-    aspect_ratio = width / height
-    if width >= height:
-        width = longest_edge
-        height = int(width / aspect_ratio)
-        height += height % 2
-    else:
-        height = longest_edge
-        width = int(height * aspect_ratio)
-        width += width % 2
-    return max(height, 1), max(width, 1)
 
 
 def frame_to_tile(frame: np.ndarray, settings: VideoSettings) -> np.ndarray:

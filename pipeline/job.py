@@ -66,15 +66,9 @@ def _run(config: JobConfig) -> int:
     # a rerun must not read the output's own Parquet files as shards when --output lies inside --input
     shards = _discover(in_fs, in_path, config.input, exclude=root if in_fs.protocol == out_fs.protocol else None)
     model_dir = _model_files(config.model, max(prompt.max_new_tokens for prompt in config.prompts))
-    preprocessor = SmolVLMPreprocessor.from_pretrained(
-        model_dir,
-        config.image_longest_edge,
-        config.image_splitting,
-        config.max_image_pixels,
-        video_fps=config.video_fps,
-        video_max_frames=config.video_max_frames,
-        max_video_seconds=config.max_video_seconds,
-    )
+    revision = hub_revision(model_dir)
+    preprocess = preprocess_settings(config, revision)
+    preprocessor = preprocess.preprocessor()  # here too: a checkpoint the workers would refuse stops the job now
 
     import ray
 
@@ -83,7 +77,6 @@ def _run(config: JobConfig) -> int:
     resources = _resources(config, ray.cluster_resources())
     _check_capacity(resources, [node for node in ray.nodes() if node["Alive"]])
     fingerprint = job_fingerprint(config, model_dir, preprocessor, resources.dtype)
-    revision = hub_revision(model_dir)
     if config.dry_run:
         done = _check_output(out_fs, root, config.output, fingerprint, config.overwrite, dry_run=True)
         _print_plan(shards, done, _pending(shards, done, config.limit_shards), _lease(out_fs, root, config).holder())
@@ -95,10 +88,10 @@ def _run(config: JobConfig) -> int:
         raise JobError(f"--output {error}") from None
     with lease:
         video = preprocessor.video is not None
-        return _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, revision, video, lease, started)
+        return _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, preprocess, video, lease, started)
 
 
-def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, revision, video, lease, started) -> int:
+def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, preprocess, video, lease, started) -> int:
     done = _check_output(out_fs, root, config.output, fingerprint, config.overwrite, dry_run=False)
     pending = _pending(shards, done, config.limit_shards)
     write_json(out_fs, join(root, JOB_FILE), fingerprint)
@@ -111,7 +104,7 @@ def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, rev
         try:
             # leaving the block waits for the shards being written; it raises if the lease stopped the writes
             with committer, watchdog:
-                dataset = build_dataset(config, pending, resources, revision, video)
+                dataset = build_dataset(config, pending, resources, preprocess, video)
                 # no prefetch: a shard's last rows reach the commit as soon as they exist, also when the run fails
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                     watchdog.progress()
@@ -333,7 +326,21 @@ def _remove_results(fs, root: str) -> None:
             fs.rm(join(root, name))
 
 
-def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources, revision: Optional[str], video: bool):
+def preprocess_settings(config: JobConfig, revision: Optional[str]) -> PreprocessSettings:
+    return PreprocessSettings(
+        model=config.model,
+        revision=revision,
+        prompts=tuple(prompt.text for prompt in config.prompts),
+        image_longest_edge=config.image_longest_edge,
+        image_splitting=config.image_splitting,
+        max_image_pixels=config.max_image_pixels,
+        video_fps=config.video_fps,
+        video_max_frames=config.video_max_frames,
+        max_video_seconds=config.max_video_seconds,
+    )
+
+
+def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources, preprocess: PreprocessSettings, video: bool):
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -353,17 +360,6 @@ def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources,
             "batch_rows": resources.batch_size,
         },
     )
-    preprocess = PreprocessSettings(
-        model=config.model,
-        revision=revision,
-        prompts=tuple(prompt.text for prompt in config.prompts),
-        image_longest_edge=config.image_longest_edge,
-        image_splitting=config.image_splitting,
-        max_image_pixels=config.max_image_pixels,
-        video_fps=config.video_fps,
-        video_max_frames=config.video_max_frames,
-        max_video_seconds=config.max_video_seconds,
-    )
     dataset = dataset.map_batches(
         preprocess_batch,
         batch_format="pyarrow",
@@ -376,7 +372,7 @@ def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources,
     node_cpus = max((int(node["Resources"].get("CPU", 1)) for node in ray.nodes() if node["Alive"]), default=1)
     replica = ReplicaSettings(
         model=config.model,
-        revision=revision,
+        revision=preprocess.revision,
         prompts=config.prompts,
         video=video,
         slots=resources.batch_size * len(config.prompts),  # an image's prompts decode side by side

@@ -24,6 +24,7 @@ from transformers.video_utils import read_video_pyav
 from fms_smolvlm import prompts, video
 from fms_smolvlm.prompts import render_user_turn, video_prompt
 from fms_smolvlm.processing import ImageSettings, SmolVLMPreprocessor
+from fms_smolvlm.sizes import resized_frame_size
 from fms_smolvlm.testing import CHAT_TEMPLATE, train_tokenizer
 from fms_smolvlm.video import (
     VideoDecoder,
@@ -35,7 +36,6 @@ from fms_smolvlm.video import (
     frame_to_tile,
     is_video,
     process_video,
-    resized_frame_size,
     sample_frame_indices,
 )
 from pipeline.testing import encode, synthetic_clip, synthetic_image
