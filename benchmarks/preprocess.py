@@ -5,8 +5,10 @@ stage: our uint8 tiles (+ token ids) vs HF's float32 pixel_values + int64 pixel_
 
     python benchmarks/preprocess.py                       # 48 JPEG/PNG images from 640x480 to 4000x3000
     python benchmarks/preprocess.py --images 96 --longest-edge 2048 --tile 512
+    python benchmarks/preprocess.py --video                # a 30 s 720p clip at SmolVLM2's sampling
 
-Prints images/s per core, bytes per image, and the ratios.
+Prints images/s per core, bytes per image, and the ratios. ``--video``: seconds for one clip, seeking to the
+sampled frames vs decoding every frame (what HF's video loaders do), both then tiled.
 """
 
 import argparse
@@ -74,13 +76,50 @@ def run_hf(images: list[bytes], longest_edge: int, tile: int) -> tuple[float, fl
     return time.perf_counter() - started, shipped / len(images)
 
 
+def video(args) -> None:
+    """A 30 s 1280x720 30 fps H.264 clip (keyframe every 2 s) at SmolVLM2's default sampling: 1 frame per second,
+    at most 64, frames resized to the processor's longest edge and squashed to one tile each."""
+    from fms_smolvlm.video import VideoDecoder, VideoSettings, frame_to_tile, process_video, sample_frame_indices
+    from pipeline.testing import synthetic_clip
+
+    clip = synthetic_clip(seconds=30, fps=30, width=1280, height=720, keyframe_interval=60)
+    settings = VideoSettings(fps=1, max_frames=64, video_size=args.longest_edge, tile_size=args.tile)
+
+    def every_frame() -> int:
+        with VideoDecoder(clip) as decoder:
+            wanted = set(sample_frame_indices(decoder.metadata, settings.fps, settings.max_frames).tolist())
+            frames = [frame for index, frame in enumerate(decoder.frames(range(decoder.metadata.total_num_frames)))
+                      if index in wanted]
+        return len([frame_to_tile(frame, settings) for frame in frames])
+
+    def timed(fn) -> float:
+        fn()  # warm
+        started = time.perf_counter()
+        for _ in range(args.repeats):
+            fn()
+        return (time.perf_counter() - started) / args.repeats
+
+    seek = timed(lambda: process_video(clip, settings))
+    full = timed(every_frame)
+    with VideoDecoder(clip) as decoder:
+        total = decoder.metadata.total_num_frames
+    frames = process_video(clip, settings).num_frames
+    print(f"30 s 1280x720 30 fps H.264 clip ({len(clip) / 1e6:.1f} MB, {total} frames), {frames} frames sampled, "
+          f"video size {args.longest_edge}, tile {args.tile}, one core")
+    print(f"{'seek to the sampled frames':30s}{seek:8.2f} s")
+    print(f"{'decode every frame':30s}{full:8.2f} s   ({full / seek:.1f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--video", action="store_true", help="time a 30 s 720p clip instead of images")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--longest-edge", type=int, default=2048, help="SmolVLM-256M/500M: 2048")
     parser.add_argument("--tile", type=int, default=512, help="SmolVLM-256M/500M: 512")
     parser.add_argument("--repeats", type=int, default=2, help="best of N passes")
     args = parser.parse_args()
+    if args.video:
+        return video(args)
 
     images = encoded_images(args.images)
     settings = ImageSettings(longest_edge=args.longest_edge, tile_size=args.tile, splitting=True)
