@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -321,7 +321,9 @@ class Request:
     """
 
     prompt_ids: Sequence[np.ndarray]  # int64 (seq,) per prompt
-    tiles: Optional[np.ndarray] = None  # uint8 (tiles, 3, M, M), in the order of the prompt's images
+    # uint8 (tiles, 3, M, M), in the order of the prompt's images: a numpy array, or a tensor already on the engine's
+    # device (a caller that copies while the engine decodes)
+    tiles: Union[np.ndarray, torch.Tensor, None] = None
     params: Sequence[SamplingParams] = (SamplingParams(),)  # per prompt
     seed: int = 0
 
@@ -353,7 +355,7 @@ class _Sequence:
 class _Images:
     """A request's tiles, and the vision tower's features for them once it has run (shared by its prompts)."""
 
-    tiles: np.ndarray
+    tiles: Union[np.ndarray, torch.Tensor]
     features: Optional[torch.Tensor] = None
 
 
@@ -558,7 +560,7 @@ class GenerationEngine:
                 group.append(images)
 
     def _encode_group(self, group: list["_Images"]) -> None:
-        tiles = torch.from_numpy(np.concatenate([images.tiles for images in group])).to(self.device)
+        tiles = torch.cat([torch.as_tensor(images.tiles) for images in group]).to(self.device)
         features = self._vision(tiles)
         self._counts["vision_calls"] += 1
         self._counts["vision_tiles"] += tiles.shape[0]

@@ -5,19 +5,18 @@ passes through untouched, so that the commit stage learns each shard's size (or 
 """
 
 import asyncio
-import logging
 import os
 import socket
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from fms_smolvlm.captioner import CaptionResult
 from fms_smolvlm.processing import ProcessedSample
 from pipeline.commit import output_schema
 from pipeline.config import PreprocessSettings, ReplicaSettings
-
-logger = logging.getLogger(__name__)
 
 PREPROCESSED_SCHEMA = pa.schema(
     [
@@ -73,8 +72,6 @@ class CaptionActor:
     """
 
     def __init__(self, settings: ReplicaSettings):
-        import torch
-
         from fms_smolvlm import Captioner
         from fms_smolvlm.generation import BackgroundEngine, SamplingParams
 
@@ -90,6 +87,7 @@ class CaptionActor:
             revision=settings.revision,
         )
         self.engine = BackgroundEngine(self.captioner.engine)
+        self.device = self.captioner.engine.device
         self.prompts = settings.prompts
         self.params = tuple(SamplingParams(prompt.max_new_tokens) for prompt in settings.prompts)
         self.schema = pa.schema(list(output_schema([p.columns for p in settings.prompts], settings.video)) + ROUTING_COLUMNS)
@@ -114,6 +112,10 @@ class CaptionActor:
         """The request's generations (one per prompt); None for a sample without one (its error row needs none)."""
         if request is None:
             return None
+        if request.tiles is not None and self.device.type == "cuda":
+            # copied here, while the engine thread decodes, instead of by the engine when the request gets a slot
+            tiles = torch.from_numpy(request.tiles).pin_memory().to(self.device, non_blocking=True)
+            request = replace(request, tiles=tiles)
         return await asyncio.wrap_future(self.engine.submit(request))
 
     def _append(self, columns: dict, row: dict, results: list[CaptionResult]) -> None:
