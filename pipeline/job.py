@@ -4,16 +4,16 @@ read (streamed, a few shards at a time) -> preprocess (CPU tasks) -> caption (a 
 actors) -> commit (the driver's streaming sink, writer threads)
 """
 
-import _thread
 import hashlib
 import json
 import logging
+import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import fms_smolvlm
 from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint
@@ -100,21 +100,14 @@ def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, pre
     failure = None
     if pending:
         logger.info("%d shards pending, %d already done; %s", len(pending), len(done), resources)
-        watchdog = StallWatchdog(config.stall_timeout)
         try:
             # leaving the block waits for the shards being written; it raises if the lease stopped the writes
-            with committer, watchdog:
+            with committer:
                 dataset = build_dataset(config, pending, resources, preprocess, video)
-                # no prefetch: a shard's last rows reach the commit as soon as they exist, also when the run fails
-                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-                    watchdog.progress()
+                for batch in results_until_stalled(dataset, config.stall_timeout):
                     committer.add(batch)
-        except KeyboardInterrupt:
-            if not watchdog.fired:
-                raise
-            failure = f"no progress for {config.stall_timeout:.0f} s (--stall-timeout): stopped; committed shards are kept"
-        except Exception as error:  # a replica died, the lease was lost: committed shards stay committed
-            failure = one_line(error, with_type=True)
+        except Exception as error:  # a replica died, the lease was lost, the run stalled: committed shards stay
+            failure = one_line(error, with_type=not isinstance(error, StalledError))
     else:
         logger.info("nothing to do: all %d shards are committed", len(shards))
 
@@ -129,37 +122,42 @@ def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, pre
     return 0
 
 
-class StallWatchdog:
-    """Ends a run that makes no progress (no result reaches the driver) for ``timeout_s``: it interrupts the main
-    thread, which is waiting for Ray Data's next batch, and sets ``fired`` so that the run says why."""
+class StalledError(RuntimeError):
+    """No result reached the driver for ``--stall-timeout`` seconds."""
 
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
-        self.fired = False
-        self._last = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
 
-    def __enter__(self) -> "StallWatchdog":
-        self._last = time.monotonic()
-        self._thread.start()
-        return self
+_END = object()
 
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
 
-    def progress(self) -> None:
-        self._last = time.monotonic()
+def results_until_stalled(dataset, stall_timeout: float) -> Iterator:
+    """The dataset's result batches as they come; ``StalledError`` once none has come for ``stall_timeout``
+    seconds. A thread of its own waits on Ray Data, so that the wait can be given up (Ray Data's own wait for the
+    next batch cannot be interrupted)."""
+    batches: queue.Queue = queue.Queue(maxsize=2)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(min(10.0, self.timeout_s / 4)):
-            idle = time.monotonic() - self._last
-            if idle >= self.timeout_s:
-                logger.error("no result for %.0f s (--stall-timeout %.0f): stopping the run", idle, self.timeout_s)
-                self.fired = True
-                _thread.interrupt_main()
-                return
+    def read() -> None:
+        try:
+            # no prefetch: a shard's last rows reach the commit as soon as they exist, also when the run then fails
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+                batches.put(batch)
+            batches.put(_END)
+        except BaseException as error:  # the run's failure, handed to the loop that reads the results
+            batches.put(error)
+
+    threading.Thread(target=read, name="results", daemon=True).start()
+    while True:
+        try:
+            item = batches.get(timeout=stall_timeout)
+        except queue.Empty:
+            logger.error("no result for %.0f s (--stall-timeout): stopping the run", stall_timeout)
+            raise StalledError(
+                f"no progress for {stall_timeout:.0f} s (--stall-timeout): stopped; committed shards are kept"
+            ) from None
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _pending(shards: list[Shard], done: set[str], limit: Optional[int]) -> list[Shard]:

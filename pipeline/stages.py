@@ -92,7 +92,7 @@ class CaptionActor:
         self.params = tuple(SamplingParams(prompt.max_new_tokens) for prompt in settings.prompts)
         self.schema = pa.schema(list(output_schema([p.columns for p in settings.prompts], settings.video)) + ROUTING_COLUMNS)
         self.tile_size = self.captioner.preprocessor.settings.tile_size
-        self.replica = f"{socket.gethostname()}:{os.getpid()}:{self.captioner.engine.device}"
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{self.device}:node-{_ray_node_id()[:12]}"
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -142,3 +142,9 @@ class CaptionActor:
         if row["tiles"] is not None:
             tiles = np.frombuffer(row["tiles"], dtype=np.uint8).reshape(row["num_tiles"], 3, self.tile_size, self.tile_size)
         return ProcessedSample(ids, tiles, row["width"], row["height"], num_frames=row["num_frames"])
+
+
+def _ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
