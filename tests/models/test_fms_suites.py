@@ -42,7 +42,7 @@ class TestSmolVLM(ModelConfigTestSuite, ModelConsistencyTestSuite, ModelCompileT
 
     @property
     def _get_signature_params(self):
-        return ["input_ids"]
+        return ["input_ids_or_embeds"]
 
     @property
     def _get_signature_input_ids(self):
