@@ -8,7 +8,10 @@ Two workloads (random weights; inputs are preprocessed once up front, timings co
 * mixed: caption lengths as real captions have them: per-image limits drawn (seeded) from a log-normal with
   median 20 tokens, clipped to 3..96. HF `generate` runs each batch until its longest row is done; "static"
   feeds this engine one batch at a time (finished rows leave, nothing joins: today's batching); "continuous"
-  gives it every request at once, so a freed slot takes the next request at the next sync.
+  gives it every request at once, so a freed slot takes the next request at the next sync. Each engine's time is
+  split into prefill (the same run with one new token per image) and decode (the rest), and the prefill is printed
+  beside its floor measured in the same run: a bare loop of the prefill's matmuls (the vision tower's and
+  connector's weights over every tile, the text layers' weights over every prompt token).
 
     python benchmarks/generate.py --device cpu                                   # cpu-mid config, batch 8 and 1
     python benchmarks/generate.py --device cuda --config 256m --batch-sizes 32 128 --images 256
@@ -141,7 +144,8 @@ def engine_runners(path: Path, images, batch_size: int, device: torch.device, dt
                 for g in captioner.engine.generate(all_requests[start : start + batch_size])]
 
     label = "compiled" if compile else "eager"
-    return Runner(f"engine {label}, static", static), Runner(f"engine {label}, continuous", continuous), captioner
+    return (Runner(f"engine {label}, static", static), Runner(f"engine {label}, continuous", continuous), captioner,
+            samples)
 
 
 def decode_floor(captioner: Captioner, batch: int, kv_len: int, device: torch.device) -> float:
@@ -164,6 +168,36 @@ def decode_floor(captioner: Captioner, batch: int, kv_len: int, device: torch.de
     with torch.inference_mode():
         step()
         return timed(lambda: [step() for _ in range(20)], device, repeats=3) / 20
+
+
+def prefill_floor(captioner: Captioner, samples, device: torch.device) -> float:
+    """Seconds for the prefill's matmuls alone: every vision and connector weight over every tile (128 tiles per
+    call, as the engine's vision calls), every text weight over every prompt token, the head once per image.
+    Attention, norms and activations are left out, so the real prefill cannot reach it."""
+    model = captioner.model
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    tiles = sum(s.tiles.shape[0] for s in samples)
+    tokens = sum(len(s.input_ids) for s in samples)
+
+    def weights(module, skip=None):
+        return [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear) and m is not skip]
+
+    head = model.language_model.head
+    work = [(w, patches, tiles) for w in weights(model.vision_tower)]
+    work += [(w, patches // model.config.scale_factor**2, tiles) for w in weights(model.connector)]
+    work += [(w, 32, -(-tokens // 32)) for w in weights(model.language_model, skip=head)]
+    work += [(head.weight, 1, len(samples))]
+
+    def run():
+        for weight, rows_per_unit, units in work:
+            for start in range(0, units, 128):
+                rows = rows_per_unit * min(128, units - start)
+                F.linear(torch.zeros(rows, weight.shape[1], dtype=model.dtype, device=device), weight)
+
+    with torch.inference_mode():
+        run()
+        return timed(run, device, repeats=3)
 
 
 def main() -> None:
@@ -193,12 +227,13 @@ def main() -> None:
             print(f"\n== {config_name} config, {dtype}, {where}; {n_images} images, batch {batch_size}")
             runners = [] if "hf" in args.skip else [hf_runner(path, images, batch_size, device, dtype)]
             for compile in ([True] if "eager" in args.skip else [False, True]):
-                static, continuous, captioner = engine_runners(path, images, batch_size, device, dtype, compile)
+                static, continuous, captioner, samples = engine_runners(path, images, batch_size, device, dtype,
+                                                                        compile)
                 runners += [static, continuous]
             if "fixed" in args.workloads:
                 fixed(runners, captioner, args, batch_size, n_images, device)
             if "mixed" in args.workloads:
-                mixed(runners, args, n_images, device)
+                mixed(runners, args, n_images, device, prefill_floor(captioner, samples, device))
 
 
 def fixed(runners, captioner, args, batch_size: int, n_images: int, device: torch.device) -> None:
@@ -222,19 +257,21 @@ def fixed(runners, captioner, args, batch_size: int, n_images: int, device: torc
         print(f"{runner.name:30s}{rate:10.2f}{rate / hf_rate:7.2f}x{step_ms:9.1f}{floor * 1e3:10.1f}{f'{same}/{n_images}':>13s}")
 
 
-def mixed(runners, args, n_images: int, device: torch.device) -> None:
+def mixed(runners, args, n_images: int, device: torch.device, floor: float) -> None:
+    """Caption lengths of real captions: images/s, and the time split into prefill and decode."""
     limits = mixed_lengths(n_images)
     print(f"mixed: caption lengths {min(limits)}..{max(limits)} tokens, median {int(np.median(limits))}, "
-          f"{sum(limits)} in all; median of {args.repeats}")
-    print(f"{'':30s}{'images/s':>10s}{'tokens/s':>10s}{'vs HF':>8s}")
+          f"{sum(limits)} in all; median of {args.repeats}; prefill's matmul floor {floor:.2f} s")
+    print(f"{'':30s}{'images/s':>10s}{'tokens/s':>10s}{'vs HF':>8s}{'prefill s':>11s}{'decode s':>10s}")
     hf_rate = None
     for runner in runners:
         runner.run(limits)  # warm-up
         total = timed(lambda: runner.run(limits), device, args.repeats)
+        prefill = timed(lambda: runner.run([1] * n_images), device, args.repeats)
         rate = n_images / total
         hf_rate = hf_rate or rate
-        print(f"{runner.name:30s}{rate:10.2f}{sum(limits) / total:10.1f}{rate / hf_rate:7.2f}x")
-
+        print(f"{runner.name:30s}{rate:10.2f}{sum(limits) / total:10.1f}{rate / hf_rate:7.2f}x"
+              f"{prefill:11.2f}{total - prefill:10.2f}")
 
 if __name__ == "__main__":
     main()
