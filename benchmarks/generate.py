@@ -273,5 +273,6 @@ def mixed(runners, args, n_images: int, device: torch.device, floor: float) -> N
         print(f"{runner.name:30s}{rate:10.2f}{sum(limits) / total:10.1f}{rate / hf_rate:7.2f}x"
               f"{prefill:11.2f}{total - prefill:10.2f}")
 
+
 if __name__ == "__main__":
     main()

@@ -97,7 +97,8 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{config_name} config, {dtype}, {where}, compiled; {len(images)} JPEG images (5-17 tiles), "
-          f"{slots} slots (batch {args.batch_size} x 3 prompts) on both sides; prompts {', '.join(f'{n} ({PROMPTS[n][1]} tokens)' for n in names)}; median of "
+          f"{slots} slots (batch {args.batch_size} x 3 prompts) on both sides; prompts "
+          f"{', '.join(f'{n} ({PROMPTS[n][1]} tokens)' for n in names)}; median of "
           f"{args.repeats}; tokens identical to separate calls: {same}")
     print(f"{'prompts':>8s}{'one call s':>12s}{'separate s':>12s}{'images/s one':>14s}{'images/s sep':>14s}{'speed-up':>10s}")
     for k, one, separate in rows:

@@ -6,7 +6,8 @@ on the same images, checkpoint, batch size and number of replicas (one here).
 
 Both sides include preprocessing (Captioner.generate decodes and tiles too); neither includes loading the model
 for the bare engine. The job's number is reported twice: end to end (its replica starts, loads and warms up
-inside the timing) and in steady state (after its first committed shard).
+inside the timing) and in steady state (after its first committed shard); the bare call is also timed inside a
+1-CPU Ray worker, which tells what Ray's worker process costs apart from what the pipeline costs.
 """
 
 import argparse
