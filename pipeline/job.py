@@ -373,7 +373,9 @@ def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources,
         revision=preprocess.revision,
         prompts=config.prompts,
         video=video,
-        slots=resources.batch_size * len(config.prompts),  # an image's prompts decode side by side
+        # an image's prompts decode side by side; the BATCHES_IN_FLIGHT (3) batches a replica holds bring three
+        # times as many sequences as it has slots, so the slots stay full until the run drains
+        slots=resources.batch_size * len(config.prompts),
         device=resources.device,
         dtype=resources.dtype,
         compile=resources.compile,
