@@ -5,7 +5,7 @@ S3 is moto's server on 127.0.0.1 behind infra/local/s3_proxy.py, which adds a fi
 
     python benchmarks/commit_latency.py                   # the committer alone: 48 small shards, 0 and 150 ms
     python benchmarks/commit_latency.py --latency-ms 0 50 150 --writers 1 4 16 --shards 96
-    python benchmarks/commit_latency.py --job             # the whole job (tiny random model, CPU) on the same store
+    python benchmarks/commit_latency.py --job             # the whole job (cpu-mid random model, CPU) on the same store
 
 Committer mode feeds complete shards of caption rows to ``ShardCommitter`` as fast as it takes them and times
 everything until ``close()`` returns (each shard: one Parquet PUT, one checkpoint PUT). One writer with no
@@ -105,7 +105,7 @@ def run_job(upstream: str, args) -> None:
         write_sample_shards(Path(tmp) / "shards", shards=args.shards, images_per_shard=args.rows)
         direct.put(str(Path(tmp) / "shards"), f"{BUCKET}/shards", recursive=True)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
-        print(f"\nthe job: {args.shards} WebDataset shards of {args.rows} images, tiny random model, CPU")
+        print(f"\nthe job: {args.shards} WebDataset shards of {args.rows} images, cpu-mid random model, 8 new tokens, CPU")
         print(f"{'latency':>10s}{'wall s':>9s}{'to 1st commit s':>17s}{'images/s':>10s}")
         for latency_ms in args.latency_ms:
             with S3Proxy(upstream, Faults(latency_s=latency_ms / 1000)) as proxy:
