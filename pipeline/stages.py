@@ -77,16 +77,20 @@ class CaptionActor:
 
         if settings.cpu_threads:  # Ray limits a 1-CPU worker to one thread; a CPU replica uses its share of the node
             torch.set_num_threads(settings.cpu_threads)
-        self.captioner = Captioner.from_pretrained(
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            compile=settings.compile,
-            max_batch_size=settings.slots,
-            warmup=settings.compile,
-            revision=settings.revision,
-        )
-        self.engine = BackgroundEngine(self.captioner.engine)
+
+        def load():  # on the engine's thread, the only one that runs the model (BackgroundEngine says why)
+            self.captioner = Captioner.from_pretrained(
+                settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                compile=settings.compile,
+                max_batch_size=settings.slots,
+                warmup=settings.compile,
+                revision=settings.revision,
+            )
+            return self.captioner.engine
+
+        self.engine = BackgroundEngine(load)
         self.device = self.captioner.engine.device
         self.prompts = settings.prompts
         self.params = tuple(SamplingParams(prompt.max_new_tokens) for prompt in settings.prompts)

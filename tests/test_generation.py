@@ -191,7 +191,7 @@ def test_invalid_sampling_parameters_are_named():
 
 def test_background_engine_serves_concurrent_callers(eager, arrivals):
     requests, expected = arrivals
-    background = BackgroundEngine(eager.engine)
+    background = BackgroundEngine(lambda: eager.engine)
     try:
 
         async def caller(chunk):  # an async caller awaiting its own requests, as the job's replicas do
