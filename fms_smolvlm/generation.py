@@ -816,7 +816,7 @@ class BackgroundEngine:
 
     ``build`` makes the engine (loading and warming up its model) on that same thread, and the constructor waits
     for it: torch's OpenMP runtime gives every thread that runs parallel work a team of its own, and with two
-    teams in a process that has few cores it cuts short the spin-wait between parallel regions (measured: 12%
+    teams in a process that has few cores it cuts short the spin-wait between parallel regions (measured: 18%
     slower decoding on 2 cores when the model was loaded on another thread); and the CUDA graphs that
     ``torch.compile`` records are kept per thread, so the warm-up belongs on the thread that decodes."""
 
