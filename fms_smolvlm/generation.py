@@ -551,13 +551,15 @@ class GenerationEngine:
         """The vision tower once for every new image of this round, in calls of at most ``max_vision_tiles`` tiles
         (a 64-frame video and its neighbours' 5-tile images are not one activation peak)."""
         pending = list({id(f.images): f.images for f in fills if f.images is not None and f.images.features is None}.values())
-        group: list = []
-        for images in pending + [None]:
-            if group and (images is None or sum(len(g.tiles) for g in group) + len(images.tiles) > self.max_vision_tiles):
+        group, tiles = [], 0
+        for images in pending:
+            if group and tiles + len(images.tiles) > self.max_vision_tiles:
                 self._encode_group(group)
-                group = []
-            if images is not None:
-                group.append(images)
+                group, tiles = [], 0
+            group.append(images)
+            tiles += len(images.tiles)
+        if group:
+            self._encode_group(group)
 
     def _encode_group(self, group: list["_Images"]) -> None:
         tiles = torch.cat([torch.as_tensor(images.tiles) for images in group]).to(self.device)

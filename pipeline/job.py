@@ -268,8 +268,10 @@ def _prompt_changes(existing: dict, fingerprint: dict) -> list[str]:
             return {"": {"text": print_["prompt"], "max_new_tokens": print_.get("max_new_tokens")}}
         return {}
 
+    def label(name: str) -> str:
+        return f"prompt {name}" if name else "prompt"
+
     old, new = named(existing), named(fingerprint)
-    label = lambda name: f"prompt {name}" if name else "prompt"  # noqa: E731
     return (
         [f"{label(name)} added" for name in new if name not in old]
         + [f"{label(name)} dropped" for name in old if name not in new]

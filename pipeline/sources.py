@@ -28,7 +28,7 @@ from fms_smolvlm.errors import one_line
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
-MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS  # a video's bytes travel in the ``image`` field too
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS  # either kind travels in a row's ``media`` field
 KEY_COLUMN_CANDIDATES = ("key", "__key__", "id", "image_id", "filename", "file_name", "path", "name")
 # images directly in --input: "." quoted by hand (quote() never produces it, so no real folder collides)
 ROOT_FOLDER_SHARD_ID = "%2E"
@@ -45,7 +45,7 @@ class Shard:
 class Sample:
     key: str
     media: Optional[bytes]  # an image's or a video's bytes
-    error: Optional[str] = None  # a sample that has no image gets an error row
+    error: Optional[str] = None  # a sample that has no image or video gets an error row
 
 
 class ShardReadError(ValueError):
