@@ -562,7 +562,13 @@ class GenerationEngine:
             self._encode_group(group)
 
     def _encode_group(self, group: list["_Images"]) -> None:
-        tiles = torch.cat([torch.as_tensor(images.tiles) for images in group]).to(self.device)
+        parts = [images.tiles for images in group]
+        if all(isinstance(part, np.ndarray) for part in parts):
+            # one copy into a fresh array: the job's tiles are views of Arrow's read-only buffers, which torch would
+            # wrap with a warning (printed on the caller's console by every Ray replica)
+            tiles = torch.from_numpy(np.concatenate(parts)).to(self.device)
+        else:  # tiles a caller already copied to the device
+            tiles = torch.cat([torch.as_tensor(part, device=self.device) for part in parts])
         features = self._vision(tiles)
         self._counts["vision_calls"] += 1
         self._counts["vision_tiles"] += tiles.shape[0]

@@ -2,6 +2,7 @@
 eager and compiled; bounded recompiles; per-request limits and seeds; the background engine."""
 
 import asyncio
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -229,3 +230,16 @@ def test_a_video_sized_request_and_small_images_decode_together(checkpoint, eage
     together = [g[0].token_ids for g in captioner.engine.generate(requests)]
     assert together == [g[0].token_ids for request in requests for g in eager.engine.generate([request])]
     assert captioner.engine.stats()["vision_calls"] >= 2  # 64 + 3 x (5..17) tiles do not fit one call of 40
+
+
+def test_read_only_tiles_are_taken_without_a_warning(eager, arrivals):
+    """The job's tiles are views of Arrow's read-only buffers: no warning (each Ray replica would print it on the
+    user's console), the same tokens."""
+    requests, expected = arrivals
+    request = next(r for r in requests if r.tiles is not None)
+    read_only = np.frombuffer(request.tiles.tobytes(), dtype=np.uint8).reshape(request.tiles.shape)
+    assert not read_only.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [generations] = eager.engine.generate([replace(request, tiles=read_only)])
+    assert generations[0].token_ids == expected[requests.index(request)]
