@@ -14,10 +14,11 @@ The read stage's rows (``SHARD_ROW_SCHEMA``), in batches of at most ``batch_rows
 Memory per read task is a few batches, whatever the size of the shard.
 """
 
+import io
 import posixpath
 import tarfile
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 from urllib.parse import quote
 
 import fsspec
@@ -39,6 +40,7 @@ class Shard:
     shard_id: str  # stable across runs, safe as a file name
     url: str  # with protocol, so that any worker can open it
     format: str  # "webdataset" | "parquet" | "folder"
+    size: Optional[int] = None  # a file's bytes, as listed; None for a folder
 
 
 @dataclass
@@ -65,17 +67,24 @@ def _hidden(relative_path: str) -> bool:
     return any(part.startswith(".") for part in relative_path.split("/"))
 
 
-def _files_under(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, list[str]]:
-    """``(root, files)``: a glob's matches (folders searched), a single file, or a directory searched recursively."""
+def _files_under(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, dict[str, int]]:
+    """``(root, {file: size})``: a glob's matches (folders searched), a single file, or a directory searched
+    recursively. The sizes come with the listing, at no extra request."""
     if fsspec.core.has_magic(path):
         root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-        matches = sorted(fs.glob(path))
-        return root, [f for match in matches for f in (sorted(fs.find(match)) if fs.isdir(match) else [match])]
+        files = {}
+        for match, info in fs.glob(path, detail=True).items():
+            files.update(fs.find(match, detail=True) if info["type"] == "directory" else {match: info})
+        return root, _sizes(files)
     if fs.isfile(path):
-        return posixpath.dirname(path), [path]
+        return posixpath.dirname(path), _sizes({path: fs.info(path)})
     if fs.isdir(path):
-        return path, sorted(fs.find(path))
+        return path, _sizes(fs.find(path, detail=True))
     raise FileNotFoundError(f"input {path} does not exist")
+
+
+def _sizes(details: dict) -> dict[str, int]:
+    return {name: info["size"] for name, info in sorted(details.items())}
 
 
 def discover_shards(fs: fsspec.AbstractFileSystem, path: str, exclude: Optional[str] = None) -> list[Shard]:
@@ -86,15 +95,15 @@ def discover_shards(fs: fsspec.AbstractFileSystem, path: str, exclude: Optional[
     """
     root, files = _files_under(fs, path)
     shards: dict[str, Shard] = {}
-    for file in files:
+    for file, size in files.items():
         relative = posixpath.relpath(file, root) if root else file
         if _hidden(relative) or (exclude and (file + "/").startswith(exclude.rstrip("/") + "/")):
             continue
         extension = _extension(file)
         if extension == "tar":
-            shard = Shard(shard_id_for(relative), fs.unstrip_protocol(file), "webdataset")
+            shard = Shard(shard_id_for(relative), fs.unstrip_protocol(file), "webdataset", size)
         elif extension == "parquet":
-            shard = Shard(shard_id_for(relative), fs.unstrip_protocol(file), "parquet")
+            shard = Shard(shard_id_for(relative), fs.unstrip_protocol(file), "parquet", size)
         elif extension in MEDIA_EXTENSIONS:
             folder = posixpath.dirname(relative)
             shard = Shard(shard_id_for(folder), fs.unstrip_protocol(posixpath.dirname(file)), "folder")
@@ -107,7 +116,8 @@ def discover_shards(fs: fsspec.AbstractFileSystem, path: str, exclude: Optional[
 # ---------------------------------------------------------------------------------------------
 # Reading one shard: samples as a stream, never the whole shard in memory
 
-# fsspec read-ahead while streaming a shard (s3fs would buffer 50 MiB per open file otherwise)
+# fsspec read-ahead while streaming a shard (s3fs would buffer 50 MiB per open file otherwise); a shard file no
+# larger than this is fetched whole instead, in one request
 STREAM_BLOCK_SIZE = 8 << 20
 # rows taken from a Parquet file at a time; pyarrow decodes a whole row group anyway, and larger slices than
 # this cost memory when they span row groups (measured: 20 MB row groups, slices of 64 rows doubled the peak)
@@ -119,7 +129,7 @@ def iter_samples(shard: Shard, storage_options: dict, image_column=None, key_col
     """The shard's samples in order, read as they are needed. Raises ShardReadError, also halfway through."""
     try:
         fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
-        yield from SAMPLE_READERS[shard.format](fs, path, image_column, key_column)
+        yield from SAMPLE_READERS[shard.format](fs, path, shard.size, image_column, key_column)
     except ShardReadError:
         raise
     except Exception as error:  # corrupt tar, unreadable Parquet, vanished object: the whole shard fails
@@ -141,9 +151,18 @@ def _webdataset_sample(key: str, media: Optional[bytes], other_extensions: set) 
     return Sample(key, None, f"sample has no image or video file ({', '.join(sorted(other_extensions))})")
 
 
-def _read_webdataset(fs, path: str, image_column, key_column) -> Iterator[Sample]:
+def _open_shard_file(fs, path: str, size: Optional[int]) -> BinaryIO:
+    """A shard file as a stream; a small one (its listed size at most one read-ahead block) is fetched whole, in
+    one request. ``start=0`` asks for the object by range: asked for a whole object, s3fs sends a HEAD first, and
+    on a remote store that round trip costs as much as the read of a small shard."""
+    if size is not None and size <= STREAM_BLOCK_SIZE:
+        return io.BytesIO(fs.cat_file(path, start=0))
+    return fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE)
+
+
+def _read_webdataset(fs, path: str, size: Optional[int], image_column, key_column) -> Iterator[Sample]:
     """A sample is complete when the next key starts (WebDataset writes a sample's files adjacently)."""
-    with fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
+    with _open_shard_file(fs, path, size) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
         key, media, others = None, None, set()
         for member in archive:
             archive.members = []  # a streamed TarFile keeps every header it has seen: millions in a large shard
@@ -162,7 +181,7 @@ def _read_webdataset(fs, path: str, image_column, key_column) -> Iterator[Sample
             yield _webdataset_sample(key, media, others)
 
 
-def _read_folder(fs, path: str, image_column, key_column) -> Iterator[Sample]:
+def _read_folder(fs, path: str, size: Optional[int], image_column, key_column) -> Iterator[Sample]:
     files = sorted(
         f for f in fs.ls(path, detail=False) if _extension(f) in MEDIA_EXTENSIONS and not _hidden(posixpath.basename(f))
     )
@@ -194,8 +213,8 @@ def _key_column(schema: pa.Schema, requested: Optional[str], path: str) -> Optio
     return next((name for name in KEY_COLUMN_CANDIDATES if name in schema.names), None)
 
 
-def _read_parquet(fs, path: str, image_column, key_column) -> Iterator[Sample]:
-    with fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE) as handle:
+def _read_parquet(fs, path: str, size: Optional[int], image_column, key_column) -> Iterator[Sample]:
+    with _open_shard_file(fs, path, size) as handle:
         # pyarrow's default pre_buffer reads every row group ahead, the whole file; without it a read task holds
         # about one row group (decoded) plus buffered column chunks
         parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=STREAM_BLOCK_SIZE)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import uuid
+from dataclasses import replace
 
 import fsspec
 import pyarrow as pa
@@ -22,6 +23,7 @@ from pipeline.sources import (
     read_shards,
     shard_items,
 )
+from infra.local.s3_proxy import S3Proxy
 from tests.pipeline.conftest import REPO
 
 
@@ -269,20 +271,43 @@ def test_ray_data_map_batches_streams_every_shard_with_its_marker(ray_local, tmp
     assert len([block for block in blocks if block.num_rows]) >= 3  # 3 + 3 + (1 + marker) from a.tar, at least
 
 
-def test_every_format_streams_from_s3(s3_server, tmp_path):
-    fs, options = s3_server
-    prefix = f"captions-test/sources-{uuid.uuid4().hex}"
+def write_one_shard_of_each_format(tmp_path) -> None:
     write_tar(tmp_path / "a.tar", [(f"a{i}.jpg", f"tar {i}".encode()) for i in range(5)])
     pq.write_table(pa.table({"id": [f"p{i}" for i in range(5)], "jpg": [f"pq {i}".encode() for i in range(5)]}),
                    tmp_path / "b.parquet", row_group_size=2)
     (tmp_path / "c").mkdir()
     for i in range(5):
         (tmp_path / "c" / f"c{i}.png").write_bytes(f"png {i}".encode())
+
+
+@pytest.mark.parametrize("size_known", [True, False], ids=["fetched-whole", "streamed"])
+def test_every_format_is_read_from_s3(s3_server, tmp_path, size_known):
+    fs, options = s3_server
+    prefix = f"captions-test/sources-{uuid.uuid4().hex}"
+    write_one_shard_of_each_format(tmp_path)
     fs.put(str(tmp_path) + "/", prefix, recursive=True)
 
     shards = discover_shards(fs, prefix)
     assert [(s.shard_id, s.format) for s in shards] == [("a.tar", "webdataset"), ("b.parquet", "parquet"), ("c", "folder")]
+    assert [s.size for s in shards] == [(tmp_path / "a.tar").stat().st_size, (tmp_path / "b.parquet").stat().st_size, None]
     for shard, expected in zip(shards, (b"tar", b"pq", b"png")):
-        tables = list(read_shard_batches(shard_items([shard])[0], options, batch_rows=2))
+        item = shard_items([shard if size_known else replace(shard, size=None)])[0]
+        tables = list(read_shard_batches(item, options, batch_rows=2))
         assert [r["media"] for r in sample_rows(tables)] == [expected + f" {i}".encode() for i in range(5)]
         assert [m["shard_size"] for m in markers(tables)] == [5]
+
+
+def test_a_small_shard_file_is_one_request(s3_server, tmp_path):
+    """Its listed size is below the read-ahead block: one GET, no HEAD first (on a remote store that round trip
+    would cost as much as the read)."""
+    fs, options = s3_server
+    prefix = f"captions-test/requests-{uuid.uuid4().hex}"
+    write_one_shard_of_each_format(tmp_path)
+    fs.put(str(tmp_path) + "/", prefix, recursive=True)
+    webdataset, parquet, _ = discover_shards(fs, prefix)
+    with S3Proxy(options["client_kwargs"]["endpoint_url"]) as proxy:
+        proxied = {**options, "client_kwargs": {"endpoint_url": proxy.endpoint}, "skip_instance_cache": True}
+        for shard in (webdataset, parquet):
+            before = proxy.counts.requests
+            assert len(sample_rows(list(read_shard_batches(shard_items([shard])[0], proxied)))) == 5
+            assert proxy.counts.requests - before == 1, shard
