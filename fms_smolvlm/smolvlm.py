@@ -177,6 +177,24 @@ class SmolVLMVisionEmbeddings(nn.Module):
         return embeds + self.position_embedding(bucketed_position_ids(patch_mask, self.patches_per_side))
 
 
+GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi)  # twice tanh's argument scale: tanh(u) = 2 * sigmoid(2u) - 1
+
+
+class TanhGELU(nn.GELU):
+    """SigLIP's GELU (tanh approximation). Compiled for the CPU it is computed as ``x * sigmoid(2u)``, the same
+    function as ``0.5 * x * (1 + tanh(u))`` up to float rounding: Inductor's vectorised CPU tanh is slow (over 6.5 M
+    floats the tanh form compiles to 11.9 ms, this one to 2.5 ms), and it made the activation 15% of the compiled
+    vision tower's time (0.38 of 2.4 ms per tile)."""
+
+    def __init__(self):
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.device.type == "cpu":
+            return x * torch.sigmoid(GELU_TANH_SCALE * (x + 0.044715 * x * x * x))
+        return super().forward(x)
+
+
 class SmolVLMVisionTransformer(nn.Module):
     """SigLIP encoder (FMS modules) over tiles of any size that is a multiple of the patch size."""
 
@@ -185,6 +203,9 @@ class SmolVLMVisionTransformer(nn.Module):
         self.config = config
         self.embeddings = SmolVLMVisionEmbeddings(config)
         self.encoder = SiglipEncoder(config)
+        for layer in self.encoder.layers:  # FMS builds the activation as a plain nn.GELU(approximate="tanh")
+            if isinstance(layer.mlp.a, nn.GELU) and layer.mlp.a.approximate == "tanh":
+                layer.mlp.a = TanhGELU()
         self.post_layernorm = LayerNormParameterized(
             config.hidden_size,
             elementwise_shift=True,

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fms.models import get_model
 
 from fms_smolvlm.hf_api import real_tiles
-from fms_smolvlm.smolvlm import attention_mask_3d, patch_mask_from_pixel_mask, pixel_shuffle
+from fms_smolvlm.smolvlm import TanhGELU, attention_mask_3d, patch_mask_from_pixel_mask, pixel_shuffle
 from tests.conftest import CHECKPOINT_CONFIGS, random_image
 from tests.hf_reference import generate_position_ids, hf_inputs, hf_model, hf_processor
 
@@ -81,6 +82,27 @@ def test_vision_tower_on_partially_padded_tile(checkpoint):
         actual = ours.image_features(pixels, patch_mask)
     expected = torch.cat(list(expected))
     assert actual.shape == expected.shape
+    assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_tanh_gelu_is_torchs_eager_and_within_float_rounding_compiled():
+    """Compiled for the CPU it is computed as x * sigmoid(2u) (Inductor's tanh is slow there): the same function."""
+    x = torch.linspace(-12, 12, 100_001)
+    expected = F.gelu(x, approximate="tanh")
+    assert torch.equal(TanhGELU()(x), expected)
+    compiled = torch.compile(TanhGELU(), fullgraph=True)(x)
+    assert (compiled - expected).abs().max() <= 1e-6
+
+
+def test_compiled_vision_tower_matches_hf(checkpoint):
+    hf = hf_model(checkpoint)
+    ours = get_model("hf_pretrained", model_path=str(checkpoint)).eval()
+    assert all(isinstance(layer.mlp.a, TanhGELU) for layer in ours.vision_tower.encoder.layers)
+    size = ours.config.vision_config.image_size
+    pixels = torch.rand(5, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        expected = torch.cat(list(hf.model.get_image_features(pixels[:, None]).pooler_output))
+        actual = torch.compile(ours.image_features, dynamic=True)(pixels)
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
