@@ -53,10 +53,12 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 
 
 def inference_compile_options(device: torch.device) -> dict:
-    """Inductor's inference options for this engine's graphs (scoped to them, not process-wide). On the CPU:
-    freezing (weights become constants: linear weights are prepacked for oneDNN) and the C++ wrapper (the
-    graph's kernels are called from C++, not Python: less overhead per decode step)."""
-    return {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else {}
+    """Inductor's options for this engine's graphs (scoped to them, not process-wide). On the CPU, the C++ wrapper:
+    a graph's kernels are called from C++, not Python, less overhead per decode step. Not freezing: given as an
+    option it changes nothing (Dynamo decides at trace time, from the process-wide setting, whether weights may be
+    folded, so they stay graph inputs; the generated code is identical), and made effective it would copy and
+    prepack the weights into every graph, one per decode shape."""
+    return {"cpp_wrapper": True} if device.type == "cpu" else {}
 
 
 # an extend call costs about this many tokens' work besides its tokens (launch, weights read once)
