@@ -114,7 +114,7 @@ def discover_shards(fs: fsspec.AbstractFileSystem, path: str, exclude: Optional[
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading one shard: samples as a stream, never the whole shard in memory
+# Reading one shard: samples as a stream, never more of the shard in memory than a read-ahead block
 
 # fsspec read-ahead while streaming a shard (s3fs would buffer 50 MiB per open file otherwise); a shard file no
 # larger than this is fetched whole instead, in one request
