@@ -76,11 +76,13 @@ def _files_under(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, dict[st
         for match, info in fs.glob(path, detail=True).items():
             files.update(fs.find(match, detail=True) if info["type"] == "directory" else {match: info})
         return root, _sizes(files)
-    if fs.isfile(path):
-        return posixpath.dirname(path), _sizes({path: fs.info(path)})
-    if fs.isdir(path):
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"input {path} does not exist") from None
+    if info["type"] == "directory":
         return path, _sizes(fs.find(path, detail=True))
-    raise FileNotFoundError(f"input {path} does not exist")
+    return posixpath.dirname(path), _sizes({path: info})
 
 
 def _sizes(details: dict) -> dict[str, int]:
