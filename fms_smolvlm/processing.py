@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fms_smolvlm import resample
 from fms_smolvlm.checkpoint import ProcessorConfigError, VideoSampling, read_processor_config
 from fms_smolvlm.errors import one_line
 from fms_smolvlm.sizes import longest_edge_size, tile_grid_size
@@ -89,7 +91,8 @@ class ProcessedSample:
     """Model-ready input for one image (or video) and its prompts, or the reason it has none."""
 
     prompt_ids: tuple  # int64 (seq,) per prompt, with the image (or video) expanded to its tiles' tokens
-    tiles: Optional[np.ndarray]  # uint8 (tiles, 3, M, M), once for all prompts
+    # uint8 (tiles, 3, M, M), once for all prompts; or the image and its tile plan, for the replica to tile
+    tiles: Union[np.ndarray, "SourceImage", None]
     width: Optional[int] = None
     height: Optional[int] = None
     error: Optional[str] = None
@@ -102,7 +105,7 @@ class ProcessedSample:
 
     @property
     def num_tiles(self) -> int:
-        return 0 if self.tiles is None else self.tiles.shape[0]
+        return 0 if self.tiles is None else len(self.tiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,30 +174,115 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # Tiling
 
 
-def tile_image(image: Image.Image, settings: ImageSettings) -> ProcessedImage:
-    """An upright RGB image -> uint8 tiles exactly as HF's PIL image processor cuts them."""
-    width, height = image.size
+@dataclass(frozen=True)
+class TilePlan:
+    """How an upright image of size ``source`` becomes tiles, in HF's order of resizes: to ``resized`` (the longest
+    edge), then to ``grid`` (whole tiles; the tile itself when unsplit or small), cut row-major into ``rows x cols``
+    tiles, then the grid squashed to one more, the global tile. Sizes are ``(width, height)``, as PIL takes them.
+    The CPU stage computes it; whoever resizes (the CPU with PIL, or a replica on its device) follows it."""
+
+    source: tuple[int, int]
+    resized: tuple[int, int]
+    grid: tuple[int, int]
+    tile: int
+
+    @property
+    def split(self) -> bool:
+        return self.grid != (self.tile, self.tile)
+
+    @property
+    def rows(self) -> int:
+        return self.grid[1] // self.tile if self.split else 0  # 0 x 0: the grid is the one tile
+
+    @property
+    def cols(self) -> int:
+        return self.grid[0] // self.tile if self.split else 0
+
+    @property
+    def num_tiles(self) -> int:
+        return self.rows * self.cols + 1
+
+
+def plan_tiles(width: int, height: int, settings: ImageSettings) -> TilePlan:
+    """The resizes HF's image processor applies to an upright ``width x height`` image."""
     tile = settings.tile_size
     resized_h, resized_w = longest_edge_size(height, width, settings.longest_edge)
-    resized = image.resize((resized_w, resized_h), resample=settings.resample)
-    if not settings.splitting:
-        squashed = resized.resize((tile, tile), resample=settings.resample)
-        return ProcessedImage(_chw(squashed)[None], 0, 0, width, height)
+    grid_h, grid_w = tile_grid_size(resized_h, resized_w, tile) if settings.splitting else (tile, tile)
+    return TilePlan((width, height), (resized_w, resized_h), (grid_w, grid_h), tile)
 
-    grid_h, grid_w = tile_grid_size(resized_h, resized_w, tile)
-    grid = resized.resize((grid_w, grid_h), resample=settings.resample)
-    if grid_h <= tile and grid_w <= tile:
-        return ProcessedImage(_chw(grid)[None], 0, 0, width, height)
-    rows, cols = grid_h // tile, grid_w // tile
-    pixels = np.asarray(grid)  # (H, W, 3)
-    crops = pixels.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, tile, tile)
-    global_tile = _chw(grid.resize((tile, tile), resample=settings.resample))
-    tiles = np.concatenate([crops, global_tile[None]])
-    return ProcessedImage(tiles, rows, cols, width, height)
+
+def tile_image(image: Image.Image, settings: ImageSettings) -> ProcessedImage:
+    """An upright RGB image -> uint8 tiles exactly as HF's PIL image processor cuts them."""
+    plan = plan_tiles(*image.size, settings)
+    grid = image.resize(plan.resized, resample=settings.resample).resize(plan.grid, resample=settings.resample)
+    if not plan.split:
+        return ProcessedImage(_chw(grid)[None], 0, 0, *plan.source)
+    global_tile = _chw(grid.resize((plan.tile, plan.tile), resample=settings.resample))
+    tiles = np.concatenate([_crops(np.asarray(grid), plan), global_tile[None]])
+    return ProcessedImage(tiles, plan.rows, plan.cols, *plan.source)
+
+
+def _crops(grid: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """(H, W, 3) grid -> (rows * cols, 3, M, M) tiles, row-major."""
+    m = plan.tile
+    return grid.reshape(plan.rows, m, plan.cols, m, 3).transpose(0, 2, 4, 1, 3).reshape(plan.rows * plan.cols, 3, m, m)
 
 
 def _chw(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """A decoded upright RGB image and its :class:`TilePlan`: what the CPU stage ships instead of tiles when it is
+    fewer bytes (a replica resizes and tiles it on its device, :func:`tiles_from_sources`, with the same bytes)."""
+
+    pixels: Union[np.ndarray, "torch.Tensor"]  # uint8 (H, W, 3)
+    plan: TilePlan
+
+    def __len__(self) -> int:
+        """The tiles it becomes (what the engine counts against its vision budget)."""
+        return self.plan.num_tiles
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels.nbytes
+
+
+def tiles_nbytes(plan: TilePlan) -> int:
+    return plan.num_tiles * 3 * plan.tile * plan.tile
+
+
+def tiles_from_sources(sources: Sequence[SourceImage], device: torch.device) -> list[torch.Tensor]:
+    """Each source image's uint8 tiles ``(tiles, 3, M, M)`` on ``device``, byte for byte :func:`tile_image`'s:
+    Pillow's LANCZOS replayed in integer torch ops (:mod:`fms_smolvlm.resample`). Images of one source size and
+    plan are resized as one batch."""
+    tiles: list = [None] * len(sources)
+    groups: dict = {}
+    for index, source in enumerate(sources):
+        groups.setdefault(source.plan, []).append(index)
+    for plan, indices in groups.items():
+        pixels = _stacked([sources[i].pixels for i in indices]).to(device)
+        for index, image_tiles in zip(indices, _tile_batch(pixels, plan)):
+            tiles[index] = image_tiles
+    return tiles
+
+
+def _stacked(pixels: list) -> torch.Tensor:
+    if all(isinstance(p, np.ndarray) for p in pixels):
+        return torch.from_numpy(np.stack(pixels))  # a fresh array: the job's pixels are read-only Arrow buffers
+    return torch.stack([torch.as_tensor(p) for p in pixels])
+
+
+def _tile_batch(pixels: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """(B, H, W, 3) uint8 images of one plan -> (B, tiles, 3, M, M)."""
+    grid = resample.resize(resample.resize(pixels, plan.resized), plan.grid)
+    if not plan.split:
+        return grid.permute(0, 3, 1, 2)[:, None].contiguous()
+    m, batch = plan.tile, grid.shape[0]
+    crops = grid.view(batch, plan.rows, m, plan.cols, m, 3).permute(0, 1, 3, 5, 2, 4)
+    global_tile = resample.resize(grid, (m, m)).permute(0, 3, 1, 2)[:, None]
+    return torch.cat([crops.reshape(batch, plan.rows * plan.cols, 3, m, m), global_tile], dim=1)
 
 
 class SmolVLMPreprocessor:
@@ -207,13 +295,16 @@ class SmolVLMPreprocessor:
         image_seq_len: int,
         settings: ImageSettings,
         video: Optional[VideoSettings] = None,
+        resize_on: str = "cpu",
     ):
-        """``video``: how clips become tiles; None for a checkpoint without a video processor (videos are errors)."""
+        """``video``: how clips become tiles; None for a checkpoint without a video processor (videos are errors).
+        ``resize_on``: see :meth:`from_pretrained`."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.image_seq_len = image_seq_len
         self.settings = settings
         self.video = video
+        self.resize_on = _check_resize_on(resize_on, settings)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if tokenizer("a")["input_ids"] != tokenizer("a", add_special_tokens=False)["input_ids"]:
             # prompts are tokenized in pieces (the image part once): that needs a tokenizer that adds nothing
@@ -230,9 +321,16 @@ class SmolVLMPreprocessor:
         video_fps: Optional[float] = None,
         video_max_frames: Optional[int] = None,
         max_video_seconds: float = DEFAULT_MAX_SECONDS,
+        resize_on: str = "auto",
     ) -> "SmolVLMPreprocessor":
         """``image_longest_edge`` / ``image_splitting`` / ``video_fps`` / ``video_max_frames``: None keeps the
-        checkpoint's processor config (in any of the layouts :mod:`fms_smolvlm.checkpoint` reads)."""
+        checkpoint's processor config (in any of the layouts :mod:`fms_smolvlm.checkpoint` reads).
+
+        ``resize_on``: ``"cpu"`` resizes and tiles every image here (uint8 tiles out); ``"replica"`` ships an image
+        as decoded pixels plus its :class:`TilePlan` (a :class:`SourceImage`) whenever that is fewer bytes than its
+        tiles, for the model's device to resize and tile (same bytes either way); large photos and video frames
+        are still tiled here. ``"auto"``: ``"cpu"``, as the preprocessor alone knows no replica (``Captioner`` and
+        the job choose by their device)."""
         from transformers import AutoTokenizer
 
         model_dir = Path(model_dir)
@@ -258,7 +356,7 @@ class SmolVLMPreprocessor:
         video = None
         if config.video is not None:
             video = _video_settings(config.video, video_fps, video_max_frames, max_video_seconds, model_dir)
-        return cls(tokenizer, chat_template, image_seq_len, settings, video)
+        return cls(tokenizer, chat_template, image_seq_len, settings, video, resize_on)
 
     def fingerprint(self) -> dict:
         """The settings that change what the model sees (for a job's identity)."""
@@ -318,13 +416,20 @@ class SmolVLMPreprocessor:
                 return ProcessedSample(tuple(self.prompt_ids(prompt) for prompt in prompts), None)
             if isinstance(media, (bytes, bytearray, memoryview)) and is_video(media):
                 return self._process_video(bytes(media), prompts)
-            processed = self.process_image(media)
+            tiles, plan = self._image_tiles(decode_image(media, self.settings.max_pixels))
         except (ImageError, VideoError) as error:
             return ProcessedSample((), None, error=str(error))
         except Exception as error:  # PIL and FFmpeg fail in more ways than they document: still this sample's only
             return ProcessedSample((), None, error=f"cannot process {_media_kind(media)}: {one_line(error)}")
-        ids = tuple(self.prompt_ids(prompt, processed.rows, processed.cols) for prompt in prompts)
-        return ProcessedSample(ids, processed.tiles, processed.width, processed.height)
+        ids = tuple(self.prompt_ids(prompt, plan.rows, plan.cols) for prompt in prompts)
+        return ProcessedSample(ids, tiles, *plan.source)
+
+    def _image_tiles(self, image: Image.Image) -> tuple[Union[np.ndarray, SourceImage], TilePlan]:
+        """The image's uint8 tiles, or (resizing on the replica) the image itself when it is fewer bytes."""
+        plan = plan_tiles(*image.size, self.settings)
+        if self.resize_on == "replica" and image.width * image.height * 3 < tiles_nbytes(plan):
+            return SourceImage(np.asarray(image), plan), plan
+        return tile_image(image, self.settings).tiles, plan
 
     def _process_video(self, data: bytes, prompts: Sequence[str]) -> ProcessedSample:
         if self.video is None:
@@ -341,6 +446,20 @@ def _video_settings(sampling: VideoSampling, fps, max_frames, max_seconds: float
     if fps is None or max_frames is None:
         raise ProcessorConfigError(f"{model_dir}: the video processor states no fps / max_frames to sample clips with")
     return VideoSettings(fps, max_frames, sampling.longest_edge, sampling.tile_size, max_seconds, sampling.resample)
+
+
+RESIZE_ON = ("auto", "cpu", "replica")
+
+
+def _check_resize_on(resize_on: str, settings: ImageSettings) -> str:
+    """``"auto"`` -> ``"cpu"``; ``"replica"`` needs the LANCZOS filter, the one :mod:`fms_smolvlm.resample` replays."""
+    if resize_on not in RESIZE_ON:
+        raise ValueError(f"resize_on must be one of {', '.join(RESIZE_ON)}, got {resize_on!r}")
+    if resize_on == "replica" and settings.resample != Image.Resampling.LANCZOS:
+        raise ProcessorConfigError(
+            f"resize_on='replica' replays Pillow's LANCZOS resize; this processor resizes with filter {settings.resample}"
+        )
+    return "cpu" if resize_on == "auto" else resize_on
 
 
 def _media_kind(media) -> str:
