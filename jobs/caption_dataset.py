@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait-for-lease", type=seconds, default=0.0, metavar="SECONDS", help="if another run holds the output, wait up to this long instead of refusing")
     parser.add_argument("--stall-timeout", type=positive_seconds, default=1800.0, metavar="SECONDS", help="end the run (exit 1, committed shards kept) when no result arrives for this long (default: %(default)s)")
     parser.add_argument("--lease-ttl", type=positive_seconds, default=180.0, metavar="SECONDS", help="a crashed run's hold on the output expires this long after its last heartbeat (default: %(default)s)")
+    parser.add_argument("--store-retry-seconds", type=seconds, default=300.0, metavar="SECONDS", help="retry a call the object store throttled, failed (5xx), timed out or dropped for up to this long before the shard (or the run) fails (default: %(default)s)")
     return parser
 
 

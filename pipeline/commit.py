@@ -5,13 +5,12 @@ each shard's end-of-shard marker (a row whose ``key`` is null) arrives among the
 count, or -1 when the shard could not be read. A shard is complete once its marker and all its rows are in;
 it is then handed to a small pool of writer threads, so that the loop pulling results does not wait on
 storage while a writer is free (``add`` blocks only when every writer is busy and the queue is full).
-Each writer puts the Parquet file, then the checkpoint, and retries a failed put with backoff; so the output
+Each writer puts the Parquet file, then the checkpoint, under the job's store retry policy; so the output
 grows shard by shard while the job runs and a crash loses only the shards in flight.
 """
 
 import io
 import logging
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fms_smolvlm.errors import one_line
+from pipeline.retry import StoreRetries, StoreUnavailableError, describe
 from pipeline.storage import join, json_bytes, list_names, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -56,9 +55,11 @@ def checkpoint_file(root: str, shard_id: str) -> str:
     return join(root, CHECKPOINTS_DIR, f"{shard_id}.json")
 
 
-def committed_shards(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
-    """Shards with a checkpoint. A Parquet file without one (a crash in between) is redone and replaced."""
-    return set(list_names(fs, join(root, CHECKPOINTS_DIR), ".json"))
+def committed_shards(fs: fsspec.AbstractFileSystem, root: str, retries: Optional[StoreRetries] = None) -> set[str]:
+    """Shards with a checkpoint. A Parquet file without one (a crash in between) is redone and replaced. Listed under
+    ``retries`` (the default policy if None)."""
+    directory = join(root, CHECKPOINTS_DIR)
+    return set((retries or StoreRetries()).call(f"list {fs.unstrip_protocol(directory)}", lambda: list_names(fs, directory, ".json")))
 
 
 def parquet_bytes(rows: list[dict], schema: pa.Schema = OUTPUT_SCHEMA) -> bytes:
@@ -66,19 +67,6 @@ def parquet_bytes(rows: list[dict], schema: pa.Schema = OUTPUT_SCHEMA) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often a failed put is tried again, and how long to wait before each new try."""
-
-    attempts: int = 5
-    first_delay_s: float = 0.2
-    max_delay_s: float = 5.0
-
-    def delay(self, failed_attempts: int) -> float:
-        # full jitter: writers that failed together (a throttled store) do not all come back together
-        return random.uniform(0, min(self.max_delay_s, self.first_delay_s * 2 ** (failed_attempts - 1)))
 
 
 class _CommitsStopped(Exception):
@@ -102,7 +90,6 @@ class CommitStats:
     error_rows: int = 0
     generated_tokens: int = 0
     first_commit_at: Optional[float] = None  # time.time() of the first commit: the end of the start-up
-    write_retries: int = 0
 
 
 class ShardCommitter:
@@ -114,18 +101,18 @@ class ShardCommitter:
         schema: pa.Schema = OUTPUT_SCHEMA,
         writers: int = 8,
         queued: int = 8,
-        retry: RetryPolicy = RetryPolicy(),
+        retries: Optional[StoreRetries] = None,
     ):
-        """``before_commit`` runs (on a writer thread) before every put of a shard's files, and raises to stop
+        """``before_commit`` runs (on a writer thread) before every attempt to put a shard's files, and raises to stop
         the run from writing (the output lease was lost). ``schema``: the output files' (:func:`output_schema`).
         ``writers`` shards are written at a time and up to ``queued`` more wait for a writer; beyond that ``add``
-        waits."""
+        waits. Puts run under ``retries`` (the default policy if None)."""
         self.fs = fs
         self.root = root
         self.schema = schema
         self.token_columns = [name for name in schema.names if name.endswith("num_generated_tokens")]
         self.before_commit = before_commit
-        self.retry = retry
+        self.retries = retries or StoreRetries()
         self.open: dict[str, _OpenShard] = {}
         self.closed: set[str] = set()  # handed to a writer, or failed: rows that still come are duplicates
         self.stats = CommitStats()
@@ -204,29 +191,26 @@ class ShardCommitter:
         except _CommitsStopped as stopped:
             self._record_stop(shard_id, stopped.__cause__)
             return
-        except Exception as error:  # every attempt failed (or the rows do not fit the schema)
-            self._record_failure(shard_id, one_line(error, with_type=True))
+        except StoreUnavailableError as error:  # the store stayed away for the whole budget
+            self._record_failure(shard_id, str(error))
+            return
+        except Exception as error:  # an answer that retrying cannot change, or rows that do not fit the schema
+            self._record_failure(shard_id, f"cannot write shard {shard_id}: {describe(error)}")
             return
         self._record_commit(shard_id, len(rows), errors, tokens)
 
     def _put(self, path: str, data: bytes) -> None:
-        """Write a whole file atomically, after ``before_commit``; a failed write is tried again with backoff."""
-        for attempt in range(1, self.retry.attempts + 1):
+        """Write a whole file atomically, under the store's retry policy, asking ``before_commit`` before every
+        attempt: the lease may run out while the store is away."""
+
+        def attempt() -> None:
             try:
                 self.before_commit()
             except Exception as error:
                 raise _CommitsStopped() from error
-            try:
-                write_atomic(self.fs, path, data)
-                return
-            except Exception as error:  # throttled, dropped, timed out: object stores fail transiently
-                if attempt == self.retry.attempts:
-                    raise OSError(f"could not write {path} in {attempt} attempts: {one_line(error, with_type=True)}") from error
-                with self._lock:
-                    self.stats.write_retries += 1
-                logger.warning("writing %s failed (attempt %d of %d), retrying: %s", path, attempt,
-                               self.retry.attempts, one_line(error, with_type=True))
-                time.sleep(self.retry.delay(attempt))
+            write_atomic(self.fs, path, data)
+
+        self.retries.call(f"write {self.fs.unstrip_protocol(path)}", attempt)
 
     def _record_commit(self, shard_id: str, rows: int, errors: int, tokens: int) -> None:
         with self._lock:

@@ -142,6 +142,7 @@ class JobConfig:
     wait_for_lease: float = 0.0
     lease_ttl: float = 180.0
     stall_timeout: float = 1800.0
+    store_retry_seconds: float = 300.0  # how long one call to the store is retried (not part of the job's identity)
 
     @classmethod
     def from_args(cls, args) -> "JobConfig":

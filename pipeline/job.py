@@ -21,7 +21,8 @@ from fms_smolvlm.errors import one_line
 from fms_smolvlm.processing import SmolVLMPreprocessor
 from pipeline.commit import CHECKPOINTS_DIR, SHARDS_DIR, ShardCommitter, committed_shards, output_schema
 from pipeline.config import JobConfig, PreprocessSettings, ReplicaSettings
-from pipeline.lease import LeaseHeldError, OutputLease
+from pipeline.lease import LeaseHeldError, LeaseLostError, OutputLease
+from pipeline.retry import RetryPolicy, StoreRetries, describe
 from pipeline.sources import DEFAULT_BATCH_BYTES, Shard, discover_shards, read_shards, shard_items
 from pipeline.stages import BATCHES_IN_FLIGHT, CaptionActor, preprocess_batch
 from pipeline.storage import join, read_json, resolve, write_json
@@ -63,8 +64,10 @@ def _run(config: JobConfig) -> int:
         config = replace(config, model=str(Path(config.model).resolve()))
     in_fs, in_path = _resolve_storage(config.input, config.storage_options, "input")
     out_fs, root = _resolve_storage(config.output, config.storage_options, "output")
+    retries = StoreRetries(store_retry_policy(config))  # every call the driver makes to the store
     # a rerun must not read the output's own Parquet files as shards when --output lies inside --input
-    shards = _discover(in_fs, in_path, config.input, exclude=root if in_fs.protocol == out_fs.protocol else None)
+    exclude = root if in_fs.protocol == out_fs.protocol else None
+    shards = _discover(in_fs, in_path, config.input, exclude, retries)
     model_dir = _model_files(config.model, max(prompt.max_new_tokens for prompt in config.prompts))
     revision = hub_revision(model_dir)
     preprocess = preprocess_settings(config, revision)
@@ -78,41 +81,47 @@ def _run(config: JobConfig) -> int:
     _check_capacity(resources, [node for node in ray.nodes() if node["Alive"]])
     fingerprint = job_fingerprint(config, model_dir, preprocessor, resources.dtype)
     if config.dry_run:
-        done = _check_output(out_fs, root, config.output, fingerprint, config.overwrite, dry_run=True)
-        _print_plan(shards, done, _pending(shards, done, config.limit_shards), _lease(out_fs, root, config).holder())
+        done = _check_output(out_fs, root, config.output, fingerprint, config.overwrite, True, retries)
+        holder = _lease(out_fs, root, config, retries).holder()
+        _print_plan(shards, done, _pending(shards, done, config.limit_shards), holder)
         return 0
 
     try:
-        lease = _lease(out_fs, root, config).acquire(wait_s=config.wait_for_lease)
+        lease = _lease(out_fs, root, config, retries).acquire(wait_s=config.wait_for_lease)
     except LeaseHeldError as error:
         raise JobError(f"--output {error}") from None
     with lease:
         video = preprocessor.video is not None
-        return _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, preprocess, video, lease, started)
+        return _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, preprocess, video, lease,
+                                  retries, started)
 
 
-def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, preprocess, video, lease, started) -> int:
-    done = _check_output(out_fs, root, config.output, fingerprint, config.overwrite, dry_run=False)
+def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, preprocess, video, lease, retries,
+                       started) -> int:
+    done = _check_output(out_fs, root, config.output, fingerprint, config.overwrite, False, retries)
     pending = _pending(shards, done, config.limit_shards)
-    write_json(out_fs, join(root, JOB_FILE), fingerprint)
+    job_file = join(root, JOB_FILE)
+    retries.call(f"write {out_fs.unstrip_protocol(job_file)}", lambda: write_json(out_fs, job_file, fingerprint))
     schema = output_schema([prompt.columns for prompt in config.prompts], video)
-    committer = ShardCommitter(out_fs, root, before_commit=lease.check, schema=schema)
+    committer = ShardCommitter(out_fs, root, before_commit=lease.check, schema=schema, retries=retries)
+    read_retries = ReadRetries.start() if pending else None
     failure = None
     if pending:
         logger.info("%d shards pending, %d already done; %s", len(pending), len(done), resources)
         try:
             # leaving the block waits for the shards being written; it raises if the lease stopped the writes
             with committer:
-                dataset = build_dataset(config, pending, resources, preprocess, video)
+                dataset = build_dataset(config, pending, resources, preprocess, video, read_retries)
                 for batch in results_until_stalled(dataset, config.stall_timeout):
                     committer.add(batch)
         except Exception as error:  # a replica died, the lease was lost, the run stalled: committed shards stay
-            failure = one_line(error, with_type=not isinstance(error, StalledError))
+            failure = one_line(error, with_type=not isinstance(error, (StalledError, LeaseLostError)))
     else:
         logger.info("nothing to do: all %d shards are committed", len(shards))
 
-    summary = _summary(committer, pending, done, started, failure)
-    write_json(out_fs, join(root, SUMMARY_FILE), summary)
+    store_retries = _merged(retries.counts, read_retries.counts() if read_retries else {})
+    summary = _summary(committer, pending, done, started, failure, store_retries)
+    _write_summary(out_fs, root, summary, lease, retries)
     print(json.dumps(summary, indent=2))
     unfinished = len(pending) - len(committer.stats.committed)
     if unfinished:
@@ -165,8 +174,31 @@ def _pending(shards: list[Shard], done: set[str], limit: Optional[int]) -> list[
     return pending if limit is None else pending[:limit]
 
 
-def _lease(fs, root: str, config: JobConfig) -> OutputLease:
-    return OutputLease(fs, root, ttl_s=config.lease_ttl, heartbeat_s=min(30.0, config.lease_ttl / 3))
+def store_retry_policy(config: JobConfig) -> RetryPolicy:
+    return RetryPolicy(budget_s=config.store_retry_seconds)
+
+
+def _lease(fs, root: str, config: JobConfig, retries: StoreRetries) -> OutputLease:
+    return OutputLease(fs, root, ttl_s=config.lease_ttl, heartbeat_s=min(30.0, config.lease_ttl / 3), retries=retries)
+
+
+def _write_summary(fs, root: str, summary: dict, lease: OutputLease, retries: StoreRetries) -> None:
+    """Into the output while the lease still holds it (else another run may own the output by now); a summary that
+    cannot be written is still printed."""
+    path = join(root, SUMMARY_FILE)
+    try:
+        lease.check()
+        retries.call(f"write {fs.unstrip_protocol(path)}", lambda: write_json(fs, path, summary))
+    except Exception as error:  # the lease ran out or the store is away: the run's outcome stands either way
+        logger.warning("the summary is not written to the output: %s", describe(error))
+
+
+def _merged(*counts: dict) -> dict:
+    merged: dict = {}
+    for part in counts:
+        for kind, count in part.items():
+            merged[kind] = merged.get(kind, 0) + count
+    return dict(sorted(merged.items()))
 
 
 def _resolve_storage(url: str, storage_options: dict, what: str):
@@ -176,11 +208,11 @@ def _resolve_storage(url: str, storage_options: dict, what: str):
         raise JobError(f"--{what} {url}: {one_line(error)}") from None
 
 
-def _discover(fs, path: str, url: str, exclude: Optional[str]) -> list[Shard]:
+def _discover(fs, path: str, url: str, exclude: Optional[str], retries: StoreRetries) -> list[Shard]:
     try:
-        shards = discover_shards(fs, path, exclude)
-    except Exception as error:  # unreachable endpoint, no credentials, no such bucket
-        raise JobError(f"cannot list --input {url}: {one_line(error)}") from None
+        shards = discover_shards(fs, path, exclude, retries)
+    except Exception as error:  # no credentials, no such bucket, the store away for the whole retry budget
+        raise JobError(f"cannot list --input {url}: {describe(error)}") from None
     if not shards:
         raise JobError(f"no shards under --input {url} (expected .tar, .parquet or folders of images or videos)")
     return shards
@@ -296,10 +328,12 @@ def model_revision(model_dir: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _check_output(fs, root: str, url: str, fingerprint: dict, overwrite: bool, dry_run: bool) -> set[str]:
+def _check_output(fs, root: str, url: str, fingerprint: dict, overwrite: bool, dry_run: bool,
+                  retries: StoreRetries) -> set[str]:
     """The committed shards this run may skip; refuses an output that holds another job's results."""
     job_file = join(root, JOB_FILE)
-    existing = read_json(fs, job_file) if fs.exists(job_file) else None
+    existing = retries.call(f"read {fs.unstrip_protocol(job_file)}",
+                            lambda: read_json(fs, job_file) if fs.exists(job_file) else None)
     changed = []
     if existing is not None:
         compared = sorted((set(existing) | set(fingerprint)) - set(INFORMATIONAL_KEYS) - {"prompt", "max_new_tokens", "prompts"})
@@ -312,18 +346,21 @@ def _check_output(fs, root: str, url: str, fingerprint: dict, overwrite: bool, d
     if overwrite:
         if not dry_run:
             logger.warning("--overwrite: removing the previous results%s", f" ({', '.join(changed)})" * bool(changed))
-            _remove_results(fs, root)
+            _remove_results(fs, root, retries)
         return set()
-    return committed_shards(fs, root)
+    return committed_shards(fs, root, retries)
 
 
-def _remove_results(fs, root: str) -> None:
-    for name in (CHECKPOINTS_DIR, SHARDS_DIR):  # checkpoints first: a shard without one is redone
-        if fs.exists(join(root, name)):
-            fs.rm(join(root, name), recursive=True)
-    for name in (SUMMARY_FILE, JOB_FILE):
-        if fs.exists(join(root, name)):
-            fs.rm(join(root, name))
+def _remove_results(fs, root: str, retries: StoreRetries) -> None:
+    for name in (CHECKPOINTS_DIR, SHARDS_DIR, SUMMARY_FILE, JOB_FILE):  # checkpoints first: a shard without one is redone
+        path = join(root, name)
+        retries.call(f"remove {fs.unstrip_protocol(path)}", lambda: _remove_if_present(fs, path))
+
+
+def _remove_if_present(fs, path: str) -> None:
+    # looked up in the same attempt: a retry after a removal whose answer was lost finds nothing to remove
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def preprocess_settings(config: JobConfig, revision: Optional[str]) -> PreprocessSettings:
@@ -340,7 +377,56 @@ def preprocess_settings(config: JobConfig, revision: Optional[str]) -> Preproces
     )
 
 
-def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources, preprocess: PreprocessSettings, video: bool):
+class _RetryTally:
+    """The store retries of a run's read tasks, by kind (a Ray actor)."""
+
+    def __init__(self):
+        self._counts: dict = {}
+
+    def add(self, kind: str) -> None:
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+
+    def counts(self) -> dict:
+        return dict(self._counts)
+
+
+@dataclass(frozen=True)
+class ReadRetries:
+    """The read tasks' store retries counted in one place: a small actor on the driver's node, told of every retry
+    by the tasks wherever they run (an instance is the read stage's ``report_retry``); the summary asks it."""
+
+    tally: object  # the _RetryTally actor's handle
+
+    @classmethod
+    def start(cls) -> "ReadRetries":
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return cls(ray.remote(num_cpus=0, scheduling_strategy=driver_node)(_RetryTally).remote())
+
+    def __call__(self, kind: str) -> None:
+        import ray
+
+        # waited for (a few ms, beside a retry's backoff): a call left in flight when its task ends may never arrive
+        try:
+            ray.get(self.tally.add.remote(kind), timeout=30)
+        except Exception as error:  # the read goes on: its count is statistics
+            logger.warning("a store retry is not counted: %s", one_line(error, with_type=True))
+
+    def counts(self) -> dict:
+        import ray
+
+        try:
+            return ray.get(self.tally.counts.remote(), timeout=60)
+        except Exception as error:  # the run's outcome does not depend on its statistics
+            logger.warning("the read tasks' store retries are not counted: %s", one_line(error, with_type=True))
+            return {}
+
+
+def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources, preprocess: PreprocessSettings,
+                  video: bool, read_retries: Optional[ReadRetries] = None):
+    """The run's Ray Data pipeline. ``read_retries`` hears of the read tasks' store retries."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -358,6 +444,8 @@ def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources,
             "image_column": config.image_column,
             "key_column": config.key_column,
             "batch_rows": resources.batch_size,
+            "retry": store_retry_policy(config),
+            "report_retry": read_retries,
         },
     )
     dataset = dataset.map_batches(
@@ -406,7 +494,7 @@ def _spread() -> dict:
     return {"scheduling_strategy": "SPREAD"}
 
 
-def _summary(committer: ShardCommitter, pending, done, started: float, failure: Optional[str]) -> dict:
+def _summary(committer: ShardCommitter, pending, done, started: float, failure: Optional[str], store_retries: dict) -> dict:
     wall = time.time() - started
     stats = committer.stats
     return {
@@ -422,6 +510,7 @@ def _summary(committer: ShardCommitter, pending, done, started: float, failure: 
         "seconds_to_first_commit": None if stats.first_commit_at is None else round(stats.first_commit_at - started, 2),
         "images_per_second": round(stats.rows / wall, 3),
         "generated_tokens_per_second": round(stats.generated_tokens / wall, 2),
+        "store_retries": store_retries,  # per kind: throttled, unavailable, timeout, connection
         "failure": failure,
     }
 

@@ -21,6 +21,15 @@ version before start times were recorded) keep the lease until it expires.
 
 Expiry compares the holder's wall clock (``expires_at``) with the reader's: keep ``ttl_s`` well above the
 clock skew between machines (NTP keeps it under a second; the default ttl is minutes).
+
+Through a store outage. Every call to the store runs under the job's retry policy; a heartbeat that cannot be
+written keeps being retried, but only for as long as the lease is certainly still ours. ``check()``, which the job
+asks before every write, refuses once the lease could expire within one heartbeat interval: a write started before
+that has the interval to land before another run could take over. A run cut off from its store past that point stops
+committing and says why, and never writes into the output again: another run may hold it by the time the store
+answers. (The interval covers a write that the store answers; a request that hangs longer than a heartbeat
+interval and is then applied is beyond what a lease without fencing can rule out: keep the ttl well above the store
+client's request timeouts.)
 """
 
 import json
@@ -30,14 +39,14 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.retry import RetryPolicy, StoreRetries, describe
 from pipeline.storage import join, list_names, write_atomic, write_temporary_beside
 
 logger = logging.getLogger(__name__)
@@ -182,10 +191,18 @@ class OutputLease:
     """The lease on one output directory/prefix ``root`` of ``fs``.
 
     ``with OutputLease(fs, root).acquire(wait_s=60):`` holds it for the block, renewing it from a background
-    thread. Before each commit a long run can call ``check()``, which raises once the lease is lost.
+    thread. Before each commit a long run can call ``check()``, which raises once the lease is lost or could expire
+    before a write started now has landed. Its calls to the store run under ``retries`` (the default policy if None).
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, ttl_s: float = 180.0, heartbeat_s: float = 30.0):
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        ttl_s: float = 180.0,
+        heartbeat_s: float = 30.0,
+        retries: StoreRetries | None = None,
+    ):
         if not 0 < 2 * heartbeat_s <= ttl_s:
             raise ValueError(f"heartbeat_s must be positive and at most ttl_s / 2, got {heartbeat_s} and {ttl_s}")
         self.fs = fs
@@ -193,6 +210,7 @@ class OutputLease:
         self.directory = join(root, LEASE_DIR)
         self.ttl_s = ttl_s
         self.heartbeat_s = heartbeat_s
+        self.retries = retries or StoreRetries()
         self.owner = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.pid = os.getpid()
@@ -200,8 +218,10 @@ class OutputLease:
         self.start_ticks = None if self.pid_space is None else _process_stat(self.pid)[1]
         self.generation: int | None = None
         self._acquired_at = 0.0
+        self._renewed_at = 0.0
         self._expires_at = 0.0
         self._lost = threading.Event()
+        self._lost_reason = ""
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -231,6 +251,9 @@ class OutputLease:
 
     def holder(self) -> Holder | None:
         """The newest lease record, or None if this output was never leased."""
+        return self.retries.call(f"read the lease of {self.url}", self._read_holder)
+
+    def _read_holder(self) -> Holder | None:
         while True:
             generations = [int(name) for name in list_names(self.fs, self.directory, ".json") if name.isdigit()]
             if not generations:
@@ -243,23 +266,31 @@ class OutputLease:
                 continue  # pruned by a newer holder between listing and reading: list again
 
     def check(self) -> None:
-        """Raise LeaseLostError unless this run still holds the lease."""
+        """Raise LeaseLostError unless this run still holds the lease, for long enough that a write started now lands
+        before it could expire (one heartbeat interval)."""
         if self.generation is None:
             raise LeaseLostError(f"the lease on {self.url} is not held")
-        if self._lost.is_set() or time.time() >= self._expires_at:
-            raise LeaseLostError(f"lost the lease on {self.url}: not renewed for {self.ttl_s:.0f} s, or taken over")
+        if self._lost.is_set():
+            raise LeaseLostError(self._lost_reason)
+        if time.time() >= self._safe_until():
+            raise LeaseLostError(self._expiring_reason())
 
     def release(self) -> None:
-        """Stop renewing and mark the lease released, so that the next run need not wait for it to expire."""
+        """Stop renewing and mark the lease released, so that the next run need not wait for it to expire.
+
+        Not once the lease could have expired: another run may hold the output by now."""
         if self.generation is None:
             return
         self._stop.set()
         self._heartbeat.join()
-        if not self._lost.is_set():
-            try:
-                write_atomic(self.fs, self._path(self.generation), self._record(time.time(), released=True))
-            except OSError as error:  # the run's work is done either way; only the next run may have to wait
-                logger.warning("could not release the lease on %s (it expires in %.0f s): %s", self.url, self.ttl_s, error)
+        try:
+            self.check()
+            self.retries.call(f"release the lease on {self.url}", self._write_release, self._policy_until_unsafe())
+        except LeaseLostError as error:
+            logger.warning("not releasing the lease: %s", error)
+        except Exception as error:  # the run's work is done either way; only the next run may have to wait
+            logger.warning("could not release the lease on %s (it expires at %s): %s", self.url,
+                           _iso(self._expires_at), describe(error))
         self.generation = None
 
     def __enter__(self) -> "OutputLease":
@@ -287,12 +318,15 @@ class OutputLease:
 
     def _take(self, generation: int) -> bool:
         now = self._acquired_at = time.time()
+        record = self._record(now)
         try:
-            create_exclusive(self.fs, self._path(generation), self._record(now))
+            self.retries.call(f"take the lease on {self.url}",
+                              lambda: create_exclusive(self.fs, self._path(generation), record))
         except FileExistsError:
-            return False
+            if not self._created_by_us(generation):
+                return False
         self.generation = generation
-        self._expires_at = now + self.ttl_s
+        self._renewed_at, self._expires_at = now, now + self.ttl_s
         self._lost.clear()
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name=f"lease-heartbeat {self.url}", daemon=True)
@@ -301,32 +335,72 @@ class OutputLease:
         logger.info("took the lease on %s (generation %d, owner %s)", self.url, generation, self.owner)
         return True
 
+    def _created_by_us(self, generation: int) -> bool:
+        """Whether ``generation`` is this run's own record: an attempt whose answer was lost (a dropped connection)
+        may have created it before the retry was refused."""
+        path = self._path(generation)
+
+        def read() -> dict:
+            self.fs.invalidate_cache(self.directory)  # listed before this generation existed
+            return json.loads(self.fs.cat_file(path))
+
+        return self.retries.call(f"read the lease of {self.url}", read)["owner"] == self.owner
+
     def _prune(self, generation: int) -> None:
         """Keep the previous record (who ran last, and how it ended) and ours; older ones are history.
 
-        Housekeeping only: a record that cannot be deleted now (a racing pruner got it first, a flaky store)
-        goes with the next run's pruning.
+        Housekeeping only, tried once: a record that cannot be deleted now (a racing pruner got it first, the store
+        is away) goes with the next run's pruning.
         """
-        with suppress(OSError):
+        try:
             for name in list_names(self.fs, self.directory, ".json"):
                 if name.isdigit() and int(name) < generation - 1:
                     self.fs.rm_file(self._path(int(name)))
+        except Exception as error:  # whatever the store said, the lease is taken; the old records can wait
+            logger.info("left old lease records of %s for later: %s", self.url, describe(error))
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                self._renew()
-            except LeaseLostError as error:
-                logger.error("%s", error)
-                self._lost.set()
+                # retried for as long as commits may go on; past that, the lease is as good as lost
+                self.retries.call(f"renew the lease on {self.url}", self._renew, self._policy_until_unsafe(), self._stop)
+            except LeaseLostError as error:  # taken over
+                self._lose(str(error))
                 return
-            except OSError as error:  # a flaky store: retry next beat; check() fails once the lease runs out
-                logger.warning("could not renew the lease on %s: %s", self.url, error)
+            except Exception as error:
+                if self._stop.is_set():  # released while the store was away
+                    return
+                self._lose(f"{self._expiring_reason()}; its heartbeats failed: {describe(error)}")
+                return
 
     def _renew(self) -> None:
-        holder = self.holder()
+        holder = self._read_holder()
         if holder is None or holder.generation != self.generation:
             raise LeaseLostError(f"lost the lease on {self.url}: taken over by {holder}")
         now = time.time()
         write_atomic(self.fs, self._path(self.generation), self._record(now))
-        self._expires_at = now + self.ttl_s
+        self._renewed_at, self._expires_at = now, now + self.ttl_s
+
+    def _write_release(self) -> None:
+        write_atomic(self.fs, self._path(self.generation), self._record(time.time(), released=True))
+
+    def _lose(self, reason: str) -> None:
+        logger.error("%s", reason)
+        self._lost_reason = reason
+        self._lost.set()
+
+    def _safe_until(self) -> float:
+        """Until when a write may start: one heartbeat interval before the lease could expire."""
+        return self._expires_at - self.heartbeat_s
+
+    def _policy_until_unsafe(self) -> RetryPolicy:
+        """The store retry policy, its budget cut to the time in which a write into the output may still start."""
+        policy = self.retries.policy
+        safe_s = max(0.0, self._safe_until() - time.time())
+        return replace(policy, budget_s=min(policy.budget_s, safe_s), limit="while the lease lasts")
+
+    def _expiring_reason(self) -> str:
+        return (
+            f"stopped committing to {self.url}: its lease was last renewed at {_iso(self._renewed_at)} and could "
+            f"expire at {_iso(self._expires_at)} (--lease-ttl {self.ttl_s:g}), when another run may take over"
+        )

@@ -25,7 +25,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fms_smolvlm.errors import one_line
+from pipeline.retry import RetryPolicy, StoreRetries, describe
+from pipeline.storage import ResumingReader
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -89,13 +90,16 @@ def _sizes(details: dict) -> dict[str, int]:
     return {name: info["size"] for name, info in sorted(details.items())}
 
 
-def discover_shards(fs: fsspec.AbstractFileSystem, path: str, exclude: Optional[str] = None) -> list[Shard]:
+def discover_shards(
+    fs: fsspec.AbstractFileSystem, path: str, exclude: Optional[str] = None, retries: Optional[StoreRetries] = None
+) -> list[Shard]:
     """Every shard under a directory/prefix (recursively), a glob, or a single file; sorted by shard id.
 
     ``exclude``: a prefix to leave out, the job's output when it lies inside its input (so that a rerun
-    does not read its own Parquet files as shards).
+    does not read its own Parquet files as shards). The listing runs under ``retries`` (the default policy if None).
     """
-    root, files = _files_under(fs, path)
+    retries = retries or StoreRetries()
+    root, files = retries.call(f"list {fs.unstrip_protocol(path)}", lambda: _files_under(fs, path))
     shards: dict[str, Shard] = {}
     for file, size in files.items():
         relative = posixpath.relpath(file, root) if root else file
@@ -127,15 +131,18 @@ PARQUET_READ_ROWS = 8
 FOLDER_READ_FILES = 16  # loose files fetched together (s3fs fetches them concurrently)
 
 
-def iter_samples(shard: Shard, storage_options: dict, image_column=None, key_column=None) -> Iterator[Sample]:
-    """The shard's samples in order, read as they are needed. Raises ShardReadError, also halfway through."""
+def iter_samples(
+    shard: Shard, storage_options: dict, retries: StoreRetries, image_column=None, key_column=None
+) -> Iterator[Sample]:
+    """The shard's samples in order, read as they are needed; every read from the store under ``retries``' policy
+    (a stream that breaks resumes from the byte it reached). Raises ShardReadError, also halfway through."""
     try:
         fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
-        yield from SAMPLE_READERS[shard.format](fs, path, shard.size, image_column, key_column)
+        yield from SAMPLE_READERS[shard.format](fs, path, shard.size, retries, image_column, key_column)
     except ShardReadError:
         raise
-    except Exception as error:  # corrupt tar, unreadable Parquet, vanished object: the whole shard fails
-        raise ShardReadError(f"cannot read shard {shard.url}: {one_line(error)}") from None
+    except Exception as error:  # corrupt tar, unreadable Parquet, vanished object, the store gone for too long
+        raise ShardReadError(f"cannot read shard {shard.url}: {describe(error)}") from None
 
 
 def _webdataset_name(member: tarfile.TarInfo) -> Optional[tuple[str, str]]:
@@ -153,18 +160,18 @@ def _webdataset_sample(key: str, media: Optional[bytes], other_extensions: set) 
     return Sample(key, None, f"sample has no image or video file ({', '.join(sorted(other_extensions))})")
 
 
-def _open_shard_file(fs, path: str, size: Optional[int]) -> BinaryIO:
+def _open_shard_file(fs, path: str, size: Optional[int], retries: StoreRetries) -> BinaryIO:
     """A shard file as a stream; a small one (its listed size at most one read-ahead block) is fetched whole, in
     one request. ``start=0`` asks for the object by range: asked for a whole object, s3fs sends a HEAD first, and
     on a remote store that round trip costs as much as the read of a small shard."""
     if size is not None and size <= STREAM_BLOCK_SIZE:
-        return io.BytesIO(fs.cat_file(path, start=0))
-    return fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE)
+        return io.BytesIO(retries.call(f"read {fs.unstrip_protocol(path)}", lambda: fs.cat_file(path, start=0)))
+    return ResumingReader(fs, path, retries, block_size=STREAM_BLOCK_SIZE)
 
 
-def _read_webdataset(fs, path: str, size: Optional[int], image_column, key_column) -> Iterator[Sample]:
+def _read_webdataset(fs, path: str, size: Optional[int], retries, image_column, key_column) -> Iterator[Sample]:
     """A sample is complete when the next key starts (WebDataset writes a sample's files adjacently)."""
-    with _open_shard_file(fs, path, size) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
+    with _open_shard_file(fs, path, size, retries) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
         key, media, others = None, None, set()
         for member in archive:
             archive.members = []  # a streamed TarFile keeps every header it has seen: millions in a large shard
@@ -183,13 +190,12 @@ def _read_webdataset(fs, path: str, size: Optional[int], image_column, key_colum
             yield _webdataset_sample(key, media, others)
 
 
-def _read_folder(fs, path: str, size: Optional[int], image_column, key_column) -> Iterator[Sample]:
-    files = sorted(
-        f for f in fs.ls(path, detail=False) if _extension(f) in MEDIA_EXTENSIONS and not _hidden(posixpath.basename(f))
-    )
+def _read_folder(fs, path: str, size: Optional[int], retries, image_column, key_column) -> Iterator[Sample]:
+    listed = retries.call(f"list {fs.unstrip_protocol(path)}", lambda: fs.ls(path, detail=False))
+    files = sorted(f for f in listed if _extension(f) in MEDIA_EXTENSIONS and not _hidden(posixpath.basename(f)))
     for start in range(0, len(files), FOLDER_READ_FILES):
         chunk = files[start : start + FOLDER_READ_FILES]
-        contents = fs.cat(chunk)
+        contents = retries.call(f"read {len(chunk)} files of {fs.unstrip_protocol(path)}", lambda: fs.cat(chunk))
         for file in chunk:
             yield Sample(posixpath.basename(file), contents[file])
 
@@ -215,8 +221,8 @@ def _key_column(schema: pa.Schema, requested: Optional[str], path: str) -> Optio
     return next((name for name in KEY_COLUMN_CANDIDATES if name in schema.names), None)
 
 
-def _read_parquet(fs, path: str, size: Optional[int], image_column, key_column) -> Iterator[Sample]:
-    with _open_shard_file(fs, path, size) as handle:
+def _read_parquet(fs, path: str, size: Optional[int], retries, image_column, key_column) -> Iterator[Sample]:
+    with _open_shard_file(fs, path, size, retries) as handle:
         # pyarrow's default pre_buffer reads every row group ahead, the whole file; without it a read task holds
         # about one row group (decoded) plus buffered column chunks
         parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=STREAM_BLOCK_SIZE)
@@ -282,13 +288,17 @@ def read_shard_batches(
     key_column: Optional[str] = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
+    retry: RetryPolicy = RetryPolicy(),
+    report_retry: Optional[Callable[[str], None]] = None,
 ) -> Iterator[pa.Table]:
     """One shard (a ``shard_items`` entry) -> tables of at most ``batch_rows`` sample rows, each sent on once
-    it holds ``batch_rows`` rows or ``batch_bytes`` of media, the end-of-shard marker in the last one."""
+    it holds ``batch_rows`` rows or ``batch_bytes`` of media, the end-of-shard marker in the last one. The store is
+    read under ``retry``; ``report_retry(kind)`` hears of every retry."""
     shard = Shard(**item)
+    retries = StoreRetries(retry, report_retry)
     rows, rows_bytes, count = [], 0, 0
     try:
-        for sample in iter_samples(shard, storage_options, image_column, key_column):
+        for sample in iter_samples(shard, storage_options, retries, image_column, key_column):
             rows.append({"shard_id": shard.shard_id, "shard_size": None, "index": count, "key": sample.key,
                          "media": sample.media, "error": sample.error})
             count += 1

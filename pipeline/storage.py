@@ -1,12 +1,19 @@
-"""Object storage through fsspec: resolve URLs, read and write whole files atomically."""
+"""Object storage through fsspec: resolve URLs, read and write whole files atomically, read a file as a stream that
+survives the store's failures.
 
+These are single calls to the store; callers run them under the job's one retry policy (:mod:`pipeline.retry`).
+"""
+
+import io
 import json
 import os
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.retry import StoreRetries
 
 
 def resolve(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -64,3 +71,66 @@ def list_names(fs: fsspec.AbstractFileSystem, directory: str, suffix: str) -> li
         return []
     names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
     return sorted(name[: -len(suffix)] for name in names if name.endswith(suffix))
+
+
+class ResumingReader(io.RawIOBase):
+    """A store's file as a seekable stream whose reads survive the store's failures: a read that fails is tried again
+    (under ``retries``' policy) on a newly opened file, from the byte the stream had reached, so that a consumer
+    (a streamed tar, a Parquet reader) sees every byte once, in order, however often the store drops it.
+
+    ``open_kwargs`` go to ``fs.open`` (a read-ahead ``block_size``). Opened at the first read, not before."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, retries: StoreRetries, **open_kwargs):
+        super().__init__()
+        self.fs = fs
+        self.path = path
+        self.retries = retries
+        self.open_kwargs = open_kwargs
+        self.position = 0
+        self._handle: Optional[io.IOBase] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        # SEEK_END needs the file's size, which opening it asks the store for
+        self.position = self.retries.call(f"read {self.fs.unstrip_protocol(self.path)}",
+                                          lambda: self._file().seek(offset, whence))
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        return self.retries.call(f"read {self.fs.unstrip_protocol(self.path)}", lambda: self._read_once(size))
+
+    def close(self) -> None:
+        self._discard()
+        super().close()
+
+    def _read_once(self, size: int) -> bytes:
+        try:
+            data = self._file().read(size)
+        except Exception:
+            self._discard()  # the next attempt opens the file again, at the byte this one started from
+            raise
+        self.position += len(data)
+        return data
+
+    def _file(self) -> io.IOBase:
+        if self._handle is None:
+            handle = self.fs.open(self.path, "rb", **self.open_kwargs)
+            handle.seek(self.position)
+            self._handle = handle
+        return self._handle
+
+    def _discard(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except Exception:  # a read-only file that broke has nothing to flush: closing it cannot lose data
+                pass

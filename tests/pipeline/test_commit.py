@@ -1,5 +1,6 @@
 """The committer: rows of many shards in any order commit each shard exactly once, Parquet file before
-checkpoint, on a pool of writers that retry failed writes and never hold up ``add`` while one is free."""
+checkpoint, on a pool of writers that retry failed writes (those that may pass) and never hold up ``add`` while one is
+free."""
 
 import json
 import random
@@ -9,14 +10,23 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from botocore.exceptions import ClientError
 from fsspec.implementations.memory import MemoryFileSystem
+from s3fs.errors import translate_boto_error
 
-from pipeline.commit import OUTPUT_SCHEMA, RetryPolicy, ShardCommitter, checkpoint_file, committed_shards, shard_file
+from pipeline.commit import OUTPUT_SCHEMA, ShardCommitter, checkpoint_file, committed_shards, shard_file
+from pipeline.retry import RetryPolicy, StoreRetries
 
 # what the caption stage sends (pipeline.stages.CAPTION_SCHEMA, without importing the model code)
 CAPTION_ROWS = pa.schema(list(OUTPUT_SCHEMA) + [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string())])
-FAST_RETRY = RetryPolicy(attempts=4, first_delay_s=0.001, max_delay_s=0.005)
+FAST_RETRY = RetryPolicy(budget_s=0.05, first_delay_s=0.001, max_delay_s=0.005)
 WAIT_S = 30  # a bound on waits that normally end at once
+
+
+def s3_error(status: int, code: str, message: str) -> OSError:
+    """What s3fs raises when the store answers ``status`` ``code``: botocore's ClientError, translated by s3fs."""
+    response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return translate_boto_error(ClientError(response, "PutObject"))
 
 
 class StoreFS(MemoryFileSystem):
@@ -26,10 +36,12 @@ class StoreFS(MemoryFileSystem):
 
     cachable = False  # a fresh instance per test, not fsspec's cached one
 
-    def __init__(self, fail_first: int = 0, fail_paths: tuple = (), gate: threading.Event = None):
+    def __init__(self, fail_first: int = 0, fail_paths: tuple = (), gate: threading.Event = None,
+                 error=lambda: s3_error(503, "SlowDown", "Please reduce your request rate.")):
         super().__init__()
         self.fail_first = fail_first  # the first k writes raise
         self.fail_paths = fail_paths  # writes to paths containing one of these always raise
+        self.error = error  # what a failing write raises
         self.gate = gate  # writes wait for it
         self.entered = threading.Event()  # a write has reached the store
         self.attempts: list[str] = []
@@ -44,7 +56,7 @@ class StoreFS(MemoryFileSystem):
         if self.gate is not None and not self.gate.wait(WAIT_S):
             raise TimeoutError("the test never opened the gate")
         if failing:
-            raise OSError(f"injected failure writing {path}")
+            raise self.error()
         super().pipe_file(path, value, **kwargs)
         with self._lock:
             self.writes.append(path)
@@ -84,7 +96,7 @@ def test_interleaved_shards_commit_exactly_once_each_parquet_before_checkpoint(r
     rows = [row for shard_id, size in sizes.items() for row in shard_rows(shard_id, size)]
     rows += [sample_row("s03", 1), sample_row("s06", 5)]  # a retried task's duplicates
     random.Random(0).shuffle(rows)  # markers before, among and after their rows; shards interleaved
-    with ShardCommitter(fs, root, writers=4, queued=2, retry=FAST_RETRY) as committer:
+    with ShardCommitter(fs, root, writers=4, queued=2, retries=StoreRetries(FAST_RETRY)) as committer:
         for batch in batches(rows, 5):
             committer.add(batch)
 
@@ -105,10 +117,10 @@ def test_interleaved_shards_commit_exactly_once_each_parquet_before_checkpoint(r
 
 def test_failed_writes_are_retried_until_they_succeed(root):
     fs = StoreFS(fail_first=3)
-    with ShardCommitter(fs, root, writers=1, retry=FAST_RETRY) as committer:
+    with ShardCommitter(fs, root, writers=1, retries=StoreRetries(FAST_RETRY)) as committer:
         committer.add(batches(shard_rows("a", 2) + shard_rows("b", 1), 10)[0])
     assert committer.stats.committed == ["a", "b"] and committer.stats.failed == {}
-    assert committer.stats.write_retries == 3
+    assert committer.retries.counts == {"throttled": 3}
     assert fs.attempts == [shard_file(root, "a")] * 4 + [checkpoint_file(root, "a"), shard_file(root, "b"),
                                                          checkpoint_file(root, "b")]
     assert committed_shards(fs, root) == {"a", "b"}
@@ -116,21 +128,33 @@ def test_failed_writes_are_retried_until_they_succeed(root):
 
 def test_a_shard_whose_writes_keep_failing_is_reported_failed_and_has_no_checkpoint(root):
     fs = StoreFS(fail_paths=("/_checkpoints/bad.json",))  # its Parquet file is written, its checkpoint never
-    with ShardCommitter(fs, root, writers=2, retry=FAST_RETRY) as committer:
+    with ShardCommitter(fs, root, writers=2, retries=StoreRetries(FAST_RETRY)) as committer:
         for batch in batches(shard_rows("bad", 2) + shard_rows("good", 2), 3):
             committer.add(batch)
     assert committer.stats.committed == ["good"]
     assert list(committer.stats.failed) == ["bad"]
-    assert committer.stats.failed["bad"].startswith(f"OSError: could not write {checkpoint_file(root, 'bad')} in 4 attempts")
-    assert fs.attempts.count(checkpoint_file(root, "bad")) == 4
+    reason = committer.stats.failed["bad"]
+    assert reason.startswith(f"cannot write memory://{checkpoint_file(root, 'bad')}: the store answered 503 SlowDown for ")
+    assert reason.endswith(" s (--store-retry-seconds 0.05)"), reason
+    assert fs.attempts.count(checkpoint_file(root, "bad")) >= 2  # retried until the budget was spent
     assert not fs.exists(checkpoint_file(root, "bad")) and committed_shards(fs, root) == {"good"}
     assert committer.stats.rows == 2  # the failed shard's rows are not counted
+
+
+def test_an_answer_that_retrying_cannot_change_fails_the_shard_at_once(root):
+    fs = StoreFS(fail_paths=("/shards/denied.",), error=lambda: s3_error(403, "AccessDenied", "Access Denied"))
+    slow = RetryPolicy(budget_s=300)  # were it retried, the test would wait for minutes
+    with ShardCommitter(fs, root, writers=2, retries=StoreRetries(slow)) as committer:
+        committer.add(batches(shard_rows("denied", 1) + shard_rows("good", 1), 10)[0])
+    assert committer.stats.committed == ["good"]
+    assert committer.stats.failed == {"denied": "cannot write shard denied: the store answered 403 AccessDenied (Access Denied)"}
+    assert fs.attempts.count(shard_file(root, "denied")) == 1 and committer.retries.counts == {}
 
 
 def test_add_does_not_wait_for_a_slow_store_while_a_writer_is_free(root):
     gate = threading.Event()
     fs = StoreFS(gate=gate)
-    committer = ShardCommitter(fs, root, writers=1, queued=1, retry=FAST_RETRY)
+    committer = ShardCommitter(fs, root, writers=1, queued=1, retries=StoreRetries(FAST_RETRY))
     committer.add(batches(shard_rows("a", 2), 10)[0])  # returns: its write waits on the store, in a writer
     assert fs.entered.wait(WAIT_S) and fs.writes == []
     committer.add(batches(shard_rows("b", 2), 10)[0])  # returns: the queue holds it
@@ -150,7 +174,7 @@ def test_a_marker_of_an_unreadable_shard_drops_its_rows_and_reports_it(root):
     fs = StoreFS()
     rows = [sample_row("x", 0), sample_row("x", 1), end_row("x", -1, "cannot read shard x.tar: unexpected end of data"),
             sample_row("x", 2), *shard_rows("y", 1)]
-    with ShardCommitter(fs, root, retry=FAST_RETRY) as committer:
+    with ShardCommitter(fs, root, retries=StoreRetries(FAST_RETRY)) as committer:
         for batch in batches(rows, 2):
             committer.add(batch)
     assert committer.stats.failed == {"x": "cannot read shard x.tar: unexpected end of data"}
@@ -167,7 +191,7 @@ def test_before_commit_runs_on_the_writer_before_each_write_and_its_error_stops_
         if len(checks) > 2:  # lost after the first shard's two files
             raise RuntimeError("lost the lease")
 
-    committer = ShardCommitter(fs, root, before_commit=lease_check, writers=1, retry=FAST_RETRY)
+    committer = ShardCommitter(fs, root, before_commit=lease_check, writers=1, retries=StoreRetries(FAST_RETRY))
     committer.add(batches(shard_rows("a", 1), 10)[0])
     committer.add(batches(shard_rows("b", 1), 10)[0])
     with pytest.raises(RuntimeError, match="lost the lease"):

@@ -238,7 +238,9 @@ UNREACHABLE = '{"key": "a", "secret": "b", "client_kwargs": {"endpoint_url": "ht
     [
         ("/nonexistent/shards", None, [], "cannot list --input /nonexistent/shards"),
         (None, "/nonexistent/model", [], "--model /nonexistent/model: not a checkpoint directory"),
-        ("s3://no-such-bucket/x", None, ["--storage-options", UNREACHABLE], "cannot list --input s3://no-such-bucket/x"),
+        # an endpoint that refuses connections is a store that is away: retried for --store-retry-seconds, then named
+        ("s3://no-such-bucket/x", None, ["--storage-options", UNREACHABLE, "--store-retry-seconds", "0"],
+         "cannot list --input s3://no-such-bucket/x: the connection to the store failed (EndpointConnectionError"),
     ],
     ids=["missing-input", "missing-model", "unreachable-bucket"],
 )
