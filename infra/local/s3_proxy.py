@@ -8,6 +8,14 @@ draw, in the order requests arrive, decides whether it is dropped (the connectio
 answered by the proxy itself with S3's ``503 SlowDown`` error, or passed on. Neither a dropped nor a throttled
 request reaches the upstream, so a client's retry is never a duplicate there.
 
+Two more faults come on when asked, not by chance:
+  * an outage: every request answered ``503 ServiceUnavailable`` (none passed on) for a window of seconds, or of
+    refused requests, or until ended; started by ``start_outage()`` or once a request whose request line matches a
+    pattern has been answered (``outage_after("^PUT .*/_checkpoints/", seconds=30)``: 30 s from the first commit);
+    ``--outage-after`` on the command line;
+  * broken bodies: ``break_bodies(n)`` sends the next ``n`` answers that carry a body only half their body (the
+    length announced in full), then closes the connection: a stream that breaks mid-transfer.
+
 What is passed on goes through byte for byte, both ways: request line, headers (the signed ones, ``Host`` and
 conditional ones such as ``If-None-Match`` included), body (``Content-Length`` or chunked, ``Expect:
 100-continue`` honoured); each request gets a connection of its own to the upstream.
@@ -15,6 +23,7 @@ conditional ones such as ``If-None-Match`` included), body (``Content-Length`` o
 
 import argparse
 import random
+import re
 import signal
 import socket
 import socketserver
@@ -26,11 +35,12 @@ from typing import BinaryIO, Optional
 from urllib.parse import urlsplit
 
 HOST = "127.0.0.1"
-SLOWDOWN_BODY = (
+ERROR_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
-    b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
-    b"<RequestId>%s</RequestId><HostId>s3-proxy</HostId></Error>"
+    b"<Error><Code>%s</Code><Message>%s</Message><RequestId>%s</RequestId><HostId>s3-proxy</HostId></Error>"
 )
+SLOWDOWN = ("503 Slow Down", "SlowDown", "Please reduce your request rate.")
+UNAVAILABLE = ("503 Service Unavailable", "ServiceUnavailable", "The service is unavailable. Please retry.")
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,27 @@ class Counts:
     forwarded: int = 0
     slowdowns: int = 0
     drops: int = 0
+    unavailable: int = 0  # answered 503 ServiceUnavailable during an outage
+    broken: int = 0  # bodies cut short
+
+
+@dataclass
+class Outage:
+    """A window in which every request is answered 503 ServiceUnavailable (times from ``time.time()``): ``seconds``
+    long, or until it has refused ``requests`` requests, or (both None) until ended."""
+
+    started: float
+    seconds: Optional[float] = None
+    requests: Optional[int] = None
+    refused: int = 0
+    ended: Optional[float] = None
+
+    def active(self, now: float) -> bool:
+        return (
+            self.ended is None
+            and (self.seconds is None or now < self.started + self.seconds)
+            and (self.requests is None or self.refused < self.requests)
+        )
 
 
 class ConnectionClosed(Exception):
@@ -133,10 +164,12 @@ def response_has_body(method: str, status: int) -> bool:
     return method != "HEAD" and status >= 200 and status not in (204, 304)
 
 
-def slowdown_response(method: str, request_id: str) -> bytes:
-    body = SLOWDOWN_BODY % request_id.encode()
+def error_response(method: str, request_id: str, error: tuple[str, str, str]) -> bytes:
+    """S3's error answer ``error`` = (status line's status, code, message)."""
+    status, code, message = error
+    body = ERROR_BODY % (code.encode(), message.encode(), request_id.encode())
     head = (
-        "HTTP/1.1 503 Slow Down\r\n"
+        f"HTTP/1.1 {status}\r\n"
         "Content-Type: application/xml\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"x-amz-request-id: {request_id}\r\n"
@@ -155,8 +188,11 @@ class S3Proxy:
         self.upstream = (parts.hostname, parts.port)
         self.faults = faults
         self.counts = Counts()
+        self.outages: list[Outage] = []
+        self._outage_trigger: Optional[tuple[re.Pattern, dict]] = None  # (request line pattern, the outage's length)
+        self._bodies_to_break = 0
         self._random = random.Random(faults.seed)
-        self._lock = threading.Lock()  # the draw sequence and the counts, shared by connection threads
+        self._lock = threading.Lock()  # the draw sequence, the counts and the outages, shared by connection threads
         self._connections: set[socket.socket] = set()
         self._server = _Server((HOST, port), _Handler)
         self._server.proxy = self
@@ -191,10 +227,56 @@ class S3Proxy:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
+    def start_outage(self, seconds: Optional[float] = None, requests: Optional[int] = None) -> None:
+        """From now on, answer every request 503 ServiceUnavailable: for ``seconds``, or ``requests`` requests, or
+        until ``end_outage()``."""
+        with self._lock:
+            self.outages.append(Outage(time.time(), seconds, requests))
+
+    def end_outage(self) -> None:
+        with self._lock:
+            for outage in self.outages:
+                if outage.active(time.time()):
+                    outage.ended = time.time()
+
+    def outage_after(self, pattern: str, seconds: Optional[float] = None, requests: Optional[int] = None) -> None:
+        """``start_outage(seconds, requests)`` once a request whose request line matches the regular expression
+        ``pattern`` has been answered (e.g. ``"^PUT .*/_checkpoints/"``: the first commit's checkpoint)."""
+        with self._lock:
+            self._outage_trigger = (re.compile(pattern), {"seconds": seconds, "requests": requests})
+
+    def break_bodies(self, count: int) -> None:
+        """Cut the next ``count`` answers that carry a body after half of it, and close their connections."""
+        with self._lock:
+            self._bodies_to_break += count
+
+    def answered(self, request_line: str) -> None:
+        """A request was passed on and its answer sent: the trigger of an outage, if it matches."""
+        with self._lock:
+            trigger = self._outage_trigger
+            if trigger is None or not trigger[0].search(request_line):
+                return
+            self._outage_trigger = None
+            self.outages.append(Outage(time.time(), **trigger[1]))
+
+    def take_body_break(self) -> bool:
+        """Whether the answer about to be sent is to be cut short."""
+        with self._lock:
+            if self._bodies_to_break == 0:
+                return False
+            self._bodies_to_break -= 1
+            self.counts.broken += 1
+            return True
+
     def next_fault(self) -> tuple[Optional[str], int]:
-        """``("drop" | "slowdown" | None, request number)`` for the next request."""
+        """``("unavailable" | "drop" | "slowdown" | None, request number)`` for the next request."""
         with self._lock:
             self.counts.requests += 1
+            outage = next((outage for outage in self.outages if outage.active(time.time())), None)
+            if outage is not None:
+                outage.refused += 1
+                self.counts.unavailable += 1
+                return "unavailable", self.counts.requests
             draw = self._random.random()
             if draw < self.faults.drop_rate:
                 self.counts.drops += 1
@@ -243,16 +325,18 @@ class _Handler(socketserver.StreamRequestHandler):
         time.sleep(proxy.faults.latency_s)
         if fault == "drop":
             return False
-        if fault == "slowdown":
-            return self._answer_slowdown(request, f"PROXY{number:08d}")
+        if fault in ("slowdown", "unavailable"):
+            return self._answer_error(request, f"PROXY{number:08d}", SLOWDOWN if fault == "slowdown" else UNAVAILABLE)
         with socket.create_connection(proxy.upstream) as upstream, upstream.makefile("rb") as upstream_in:
-            return self._relay(request, upstream, upstream_in)
+            keep_alive = self._relay(request, upstream, upstream_in)
+        proxy.answered(request.start_line)
+        return keep_alive
 
-    def _answer_slowdown(self, request: Message, request_id: str) -> bool:
+    def _answer_error(self, request: Message, request_id: str, error: tuple[str, str, str]) -> bool:
         waits_for_answer = request.header("expect") == "100-continue"  # then no body comes before an answer
         if not waits_for_answer:
             read_body(self.rfile, request, until_close=False)
-        self.wfile.write(slowdown_response(request.start_line.split(" ", 1)[0], request_id))
+        self.wfile.write(error_response(request.start_line.split(" ", 1)[0], request_id, error))
         # a client that was waiting to send its body may still send it: end the connection instead of parsing it
         return request.keeps_alive() and not waits_for_answer
 
@@ -282,7 +366,11 @@ class _Handler(socketserver.StreamRequestHandler):
         """Send the response on as it came; whether the client's connection can stay open."""
         method, status = request.start_line.split(" ", 1)[0], int(response.start_line.split(" ", 2)[1])
         has_body = response_has_body(method, status)
-        self.wfile.write(response.head + (read_body(upstream_in, response, until_close=True) if has_body else b""))
+        body = read_body(upstream_in, response, until_close=True) if has_body else b""
+        if body and self.server.proxy.take_body_break():
+            self.wfile.write(response.head + body[: len(body) // 2])
+            return False  # closes the connection mid-body
+        self.wfile.write(response.head + body)
         return response.keeps_alive() and (response.delimited() or not has_body)
 
 
@@ -301,9 +389,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--slowdown", type=float, default=0.0, help="fraction of requests answered 503 SlowDown")
     parser.add_argument("--drop", type=float, default=0.0, help="fraction of requests whose connection is dropped")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--outage-after", metavar="PATTERN", help="start an outage once a request whose request line "
+                        "matches the regular expression PATTERN has been answered (e.g. '^PUT .*/_checkpoints/': after "
+                        "the first commit)")
+    parser.add_argument("--outage-seconds", type=float, default=30.0, help="the outage's length (default: %(default)s)")
     args = parser.parse_args(argv)
     faults = Faults(args.latency_ms / 1000, args.slowdown, args.drop, args.seed)
     with S3Proxy(args.upstream, faults, args.port) as proxy:
+        if args.outage_after:
+            proxy.outage_after(args.outage_after, seconds=args.outage_seconds)
         print(f"S3 proxy on {proxy.endpoint} -> {args.upstream} ({faults}); Ctrl-C stops it", flush=True)
         wait_for_stop_signal()
         print(f"{proxy.counts}", flush=True)

@@ -1,5 +1,5 @@
-"""The fault-injecting S3 proxy: bytes pass through unchanged, s3fs works through it with latency, and s3fs's
-retries get through its 503 SlowDown answers and dropped connections."""
+"""The fault-injecting S3 proxy: bytes pass through unchanged, s3fs works through it with latency, s3fs's retries get
+through its 503 SlowDown answers and dropped connections, and an outage refuses every request for its window."""
 
 import socket
 import threading
@@ -11,6 +11,7 @@ import pytest
 import s3fs
 
 from infra.local.s3_proxy import Faults, S3Proxy
+from pipeline.retry import Failure, classify
 
 WAIT_S = 30
 
@@ -122,3 +123,27 @@ def test_the_faults_follow_the_seed():
     first = draws(7)
     assert first == draws(7) and first != draws(8)
     assert 200 < first.count("slowdown") < 300 and 60 < first.count("drop") < 140
+
+
+def test_an_outage_answers_503_service_unavailable_from_its_trigger_until_it_ends(s3_server):
+    """Started once a request matching its pattern has been answered, for a window of requests; or by hand until
+    ended. Refused requests never reach the store."""
+    direct, options = s3_server
+    prefix = f"captions-test/outage-{uuid.uuid4().hex}"
+    with S3Proxy(options["client_kwargs"]["endpoint_url"]) as proxy:
+        fs = s3_through(proxy, options, config_kwargs={"retries": {"max_attempts": 0}})  # each call one request
+        proxy.outage_after(r"^PUT \S*/trigger ", requests=2)
+        fs.pipe_file(f"{prefix}/before", b"1")  # does not match: no outage yet
+        fs.pipe_file(f"{prefix}/trigger", b"2")  # answered; the outage starts after it
+        for name in ("refused-1", "refused-2"):
+            with pytest.raises(OSError) as refused:
+                fs.pipe_file(f"{prefix}/{name}", b"3")
+            assert classify(refused.value) == Failure("unavailable", "the store answered 503 ServiceUnavailable")
+        fs.pipe_file(f"{prefix}/after", b"4")  # the window was two requests long
+        proxy.start_outage()
+        with pytest.raises(OSError):
+            fs.cat_file(f"{prefix}/after")
+        proxy.end_outage()
+        assert fs.cat_file(f"{prefix}/after") == b"4"
+    assert sorted(direct.ls(prefix, detail=False)) == [f"{prefix}/{name}" for name in ("after", "before", "trigger")]
+    assert proxy.counts.unavailable == 3 and [outage.refused for outage in proxy.outages] == [2, 1]
