@@ -54,14 +54,18 @@ def fail_on_shards(faults_file):
     faults_file.unlink(missing_ok=True)
 
 
+def run_cli(model, input_url, output_url, *flags) -> int:
+    """The real CLI, in-process (it joins the session's Ray); its exit status."""
+    argv = ["--input", str(input_url), "--output", str(output_url), "--model", str(model), "--max-new-tokens", "6", *flags]
+    return caption_dataset.main(argv)
+
+
 @pytest.fixture
 def run_job(ray_local, checkpoint):
     """``run_job(input, output, *flags)`` runs the real CLI in-process; returns its exit status."""
 
     def run(input_url, output_url, *flags, model=None):
-        argv = ["--input", str(input_url), "--output", str(output_url), "--model", str(model or checkpoint),
-                "--max-new-tokens", "6", *flags]
-        return caption_dataset.main(argv)
+        return run_cli(model or checkpoint, input_url, output_url, *flags)
 
     return run
 
