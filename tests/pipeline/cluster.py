@@ -7,9 +7,9 @@ real CLI (``jobs/caption_dataset.py``'s ``main``) in that process, which joins i
 
 Worker hooks, each off unless its environment variable is set (the runner passes them on to the workers):
 
-* ``FMS_SMOLVLM_TEST_GATE=DIR``: once the output (``FMS_SMOLVLM_TEST_OUTPUT``) holds a checkpoint, a replica holds
-  every batch it is given until the file ``DIR/open`` exists, and prints ``test-hook: holding a batch (pid N)``
-  (Ray forwards it to the driver's log) when it starts to hold one;
+* ``FMS_SMOLVLM_TEST_GATE=DIR``: once the output (``FMS_SMOLVLM_TEST_OUTPUT``) holds a checkpoint of a shard it
+  captioned, a replica holds every batch it is given until the file ``DIR/open`` exists, and prints
+  ``test-hook: holding a batch (pid N)`` (Ray forwards it to the driver's log) when it starts to hold one;
 * ``FMS_SMOLVLM_TEST_STALL=SHARD_ID``: a replica never returns a batch of that shard (prints ``test-hook: stalling``);
 * ``FMS_SMOLVLM_TEST_NODES=DIR``: a replica writes ``DIR/<pid>`` holding the Ray node id it runs on, when its
   first batch arrives; with ``FMS_SMOLVLM_TEST_BARRIER=N`` too, it then holds that batch until N replicas have
@@ -38,6 +38,7 @@ BARRIER_ENV = "FMS_SMOLVLM_TEST_BARRIER"
 HOOK_ENVS = (GATE_ENV, OUTPUT_ENV, STALL_ENV, NODES_ENV, BARRIER_ENV)
 BARRIER_TIMEOUT_S = 120
 REPLICA_TITLE = "ray::MapWorker(MapBatches(CaptionActor))"
+HEAD_NODE = "head node:"
 HOLDING = "test-hook: holding a batch"
 STALLING = "test-hook: stalling"
 
@@ -64,7 +65,7 @@ def install() -> None:
             never = asyncio.Event()
             _STALLED.append(never)  # kept reachable: a coroutine that only garbage references would be collected
             await never.wait()  # never set: this batch never returns
-        await _gate()
+        await _gate(self.replica)
         return await serve(self, batch)
 
     stages.CaptionActor.__call__ = hooked
@@ -87,13 +88,13 @@ async def _record_node() -> None:
         await asyncio.sleep(0.05)  # a condition in other processes: look again every 50 ms
 
 
-async def _gate() -> None:
+async def _gate(replica: str) -> None:
     gate = os.environ.get(GATE_ENV)
     if not gate:
         return
     opened = Path(gate) / "open"
-    checkpoints = Path(os.environ[OUTPUT_ENV]) / "_checkpoints"
-    if opened.exists() or not checkpoints.is_dir() or not any(checkpoints.glob("*.json")):
+    records = read_checkpoints(Path(os.environ[OUTPUT_ENV])).values()
+    if opened.exists() or not any(replica in record["replicas"] for record in records):
         return
     print(f"{HOLDING} (pid {os.getpid()})", file=sys.stderr, flush=True)
     while not opened.exists():  # a condition in another process: look again every 50 ms
@@ -134,6 +135,7 @@ def main(argv: list | None = None) -> int:
         cluster.wait_for_nodes()
         nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
         print(f"cluster nodes: {' '.join(nodes)}", file=sys.stderr, flush=True)
+        print(f"{HEAD_NODE} {cluster.head_node.node_id}", file=sys.stderr, flush=True)
 
     sys.path.insert(0, str(REPO / "jobs"))
     import caption_dataset
@@ -254,6 +256,18 @@ def processes_in_session(session: int, title: str = "") -> list[int]:
         if sid == session and state != "Z" and cmdline.startswith(title):
             pids.append(int(entry.name))
     return sorted(pids)
+
+
+def raylet_of(session: int, node_id: str) -> int:
+    """The pid of Ray node ``node_id``'s raylet (its command line names the node) among session ``session``'s
+    processes."""
+
+    def arguments(pid: int) -> list[bytes]:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+
+    node = f"--node_id={node_id}".encode()
+    [pid] = [pid for pid in processes_in_session(session) if arguments(pid)[0].endswith(b"/raylet") and node in arguments(pid)]
+    return pid
 
 
 def read_checkpoints(output: Path) -> dict[str, dict]:

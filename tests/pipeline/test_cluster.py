@@ -1,9 +1,13 @@
-"""The job on more than one node, and the rules that decide where its work runs: one replica per node, a refusal
-up front when the replicas would leave no CPU to preprocess with, and preprocessing never folded into the replicas
-(issue 13)."""
+"""The job on more than one node, and the rules that decide where its work runs: one replica per node, a node lost
+mid-run (issue 22), a refusal up front when the replicas would leave no CPU to preprocess with, and preprocessing never
+folded into the replicas (issue 13)."""
 
 import contextlib
 import io
+import itertools
+import os
+import re
+import signal
 import threading
 
 import fsspec
@@ -15,46 +19,80 @@ from pipeline.sources import discover_shards
 from pipeline.testing import write_sample_shards
 from tests.pipeline.cluster import (
     BARRIER_ENV,
+    GATE_ENV,
+    HEAD_NODE,
+    HOLDING,
     NODES_ENV,
+    OUTPUT_ENV,
     JobProcess,
+    raylet_of,
     read_checkpoints,
     read_keys,
-    replica_pid,
 )
 
 RUN_TIMEOUT_S = 300
 
 
-def test_two_nodes_one_replica_each(checkpoint, tmp_path):
-    """A head and a second node (``ray.cluster_utils.Cluster``, 2 CPUs each, in a subprocess: the session already has
-    its own Ray in this process), ``--replicas 2``: the replicas go one to each node (SPREAD), both caption, and the
-    output has every sample exactly once.
+def test_two_nodes_one_replica_each_and_a_lost_node_is_ridden_out(checkpoint, tmp_path):
+    """A head and a second node (``ray.cluster_utils.Cluster``, 3 CPUs each, in a subprocess: the session already has
+    its own Ray in this process), ``--replicas 2``: the replicas go one to each node (SPREAD) and both caption.
 
-    A checkpoint's replica name (host:pid:device:node-ID) says where each replica ran; the test's worker hook also
-    records the Ray node id of each replica's pid, and holds each replica's first batch until both have one, so that
-    the work of this small job reaches both however far apart they start."""
-    written = write_sample_shards(tmp_path / "input", shards=6, images_per_shard=1)
-    output, nodes = tmp_path / "output", tmp_path / "nodes"
+    Then the second node is lost mid-run (issue 22): once its replica has committed a shard and holds a batch, its
+    raylet is killed, and the node, the replica and the batches it held are gone. Ray restarts the replica on the
+    head, which has a CPU for it beside the one reading and preprocessing need, and sends it the lost batches again
+    (Ray Data's actor restarts and actor task retries): the same run ends with exit 0, every sample exactly once.
+    (Where the nodes that remain have no CPU to spare, the restarted replica waits for a node, or takes the CPU the
+    reads need: the run waits for a replacement node until the stall watchdog ends it; the README says so.)
+
+    A checkpoint's replica name (host:pid:device:node-ID) says where each replica ran; the test's worker hooks record
+    the Ray node id of each replica's pid, hold each replica's first batch until both have one (so that the work of
+    this small job reaches both however far apart they start), and hold the batches a replica gets once it has
+    committed a shard until the test opens the gate (so that the kill lands with work in the lost replica)."""
+    written = write_sample_shards(tmp_path / "input", shards=8, images_per_shard=1)
+    output, nodes, gate = tmp_path / "output", tmp_path / "nodes", tmp_path / "gate"
     nodes.mkdir()
+    gate.mkdir()
     flags = ["--input", tmp_path / "input", "--output", output, "--model", checkpoint, "--max-new-tokens", "4",
              "--batch-size", "1", "--replicas", "2"]
-    job = JobProcess(flags, env={NODES_ENV: str(nodes), BARRIER_ENV: "2"}, nodes=2, cpus_per_node=2)
+    env = {NODES_ENV: str(nodes), BARRIER_ENV: "2", GATE_ENV: str(gate), OUTPUT_ENV: str(output)}
+    job = JobProcess(flags, env=env, nodes=2, cpus_per_node=3)
     try:
+        head = job.wait_for(HEAD_NODE, timeout=RUN_TIMEOUT_S)[0].split()[-1]
+        lost = held_by_a_replica_off(head, job, nodes)
+        worker = (nodes / str(lost)).read_text()
+        committed_before, replicas_before = read_checkpoints(output), replica_nodes(nodes)
+        os.kill(raylet_of(job.process.pid, worker), signal.SIGKILL)
+        (gate / "open").touch()
         status = job.wait(timeout=RUN_TIMEOUT_S)
     finally:
         job.stop()
 
     assert status == 0, job.tail()
+    assert job.error_lines() == []
     cluster_nodes = set(job.wait_for("cluster nodes:")[0].split(":", 1)[1].split())
-    assert len(cluster_nodes) == 2
-    assert read_keys(output) == written  # exactly once
-    pids = {replica_pid(replica) for record in read_checkpoints(output).values() for replica in record["replicas"]}
-    node_of = {int(record.name): record.read_text() for record in nodes.iterdir() if record.name.isdigit()}
-    assert len(pids) == 2 and pids <= set(node_of), (pids, node_of)  # two replicas captioned
-    assert {node_of[pid] for pid in pids} == cluster_nodes  # one on each node
-    # and the checkpoints themselves say so: a replica's name ends with its Ray node's id
-    named = {replica.rsplit(":node-", 1)[1] for record in read_checkpoints(output).values() for replica in record["replicas"]}
+    assert cluster_nodes == {head, worker}
+    assert set(replicas_before.values()) == cluster_nodes  # one replica on each node
+    # both captioned: a committed shard's replica name ends with its Ray node's id
+    named = {replica.rsplit(":node-", 1)[1] for record in committed_before.values() for replica in record["replicas"]}
     assert named == {node[:12] for node in cluster_nodes}
+    assert 2 <= len(committed_before) < len(written)  # lost mid-run
+    assert read_keys(output) == written  # every sample exactly once
+    restarted = {pid: node for pid, node in replica_nodes(nodes).items() if pid not in replicas_before}
+    assert list(restarted.values()) == [head], restarted  # the lost replica, again, on the head
+
+
+def held_by_a_replica_off(head: str, job: JobProcess, nodes) -> int:
+    """The pid of the first replica outside node ``head`` that holds a batch (the gate's log lines name their pid)."""
+    for count in itertools.count(1):
+        line = job.wait_for(HOLDING, count=count, timeout=RUN_TIMEOUT_S)[-1]
+        pid = int(re.search(rf"{HOLDING} \(pid (\d+)\)", line).group(1))  # Ray may append "[repeated 4x ...]"
+        if (nodes / str(pid)).read_text() != head:
+            return pid
+
+
+def replica_nodes(nodes) -> dict[int, str]:
+    """pid -> Ray node id of each replica that has got a batch (the test hook's records)."""
+    return {int(record.name): record.read_text() for record in nodes.iterdir() if record.name.isdigit()}
 
 
 def run_in_thread(function, timeout: float):
