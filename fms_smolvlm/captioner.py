@@ -9,6 +9,7 @@ import torch
 
 import fms.models
 from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint, stop_token_ids
+from fms_smolvlm.compiled import default_compile_cache
 from fms_smolvlm.generation import Generation, GenerationEngine, Request, SamplingParams
 from fms_smolvlm.processing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ProcessedSample, SmolVLMPreprocessor
 from fms_smolvlm.smolvlm import SmolVLM
@@ -81,15 +82,22 @@ class Captioner:
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         warmup: bool = False,
         revision: Optional[str] = None,
+        compile_cache: Union[str, Path, None] = "auto",
+        resize_on: str = "auto",
     ) -> "Captioner":
         """``image_longest_edge`` / ``image_splitting``: None keeps the checkpoint's processor config.
-        ``warmup`` runs (and with ``compile``, compiles) one batch now, so the first real batch is not the compile.
-        ``revision``: a hub model's commit, branch or tag (default: the latest)."""
+        ``warmup`` readies every compiled graph now (:meth:`GenerationEngine.warmup`), so that no request waits for a
+        compile. ``compile_cache``: the folder compiled graphs are loaded from and saved to (``"auto"``:
+        ``$FMS_SMOLVLM_COMPILE_CACHE``, else ``~/.cache/fms_smolvlm/compiled``; None: compile in this process only).
+        ``resize_on``: where images are resized and tiled (:meth:`SmolVLMPreprocessor.from_pretrained`); ``"auto"``:
+        on a CUDA device, else on the CPU. ``revision``: a hub model's commit, branch or tag (default: the latest)."""
         path = resolve_checkpoint(model_dir_or_id, revision=revision)
         check_checkpoint_dir(path)
         torch_device = resolve_device(device)
+        if resize_on == "auto":
+            resize_on = "replica" if torch_device.type == "cuda" else "cpu"
         preprocessor = SmolVLMPreprocessor.from_pretrained(
-            path, image_longest_edge, image_splitting, max_image_pixels=max_image_pixels
+            path, image_longest_edge, image_splitting, max_image_pixels=max_image_pixels, resize_on=resize_on
         )
         model = load_model(path, torch_device, resolve_dtype(dtype, torch_device), preprocessor)
         tokenizer = preprocessor.tokenizer
@@ -99,20 +107,12 @@ class Captioner:
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             max_batch_size=max_batch_size,
             compile=compile,
+            compile_cache=default_compile_cache() if compile_cache == "auto" else compile_cache and Path(compile_cache),
         )
         captioner = cls(model, preprocessor, engine, str(model_dir_or_id))
         if warmup:
-            captioner.warmup()
+            captioner.engine.warmup()
         return captioner
-
-    def warmup(self, max_new_tokens: int = 8) -> None:
-        """Run a full batch of synthetic images through the engine (and the compiler), decoding every step (a random
-        or an eager model would otherwise stop at once and leave the decode step uncompiled)."""
-        from PIL import Image
-
-        tile = self.preprocessor.settings.tile_size
-        image = Image.new("RGB", (tile * 2, tile), (127, 127, 127))
-        self.generate([image] * self.engine.max_batch_size, max_new_tokens=max_new_tokens, ignore_eos=True)
 
     def preprocess(self, images: Sequence[Optional[ImageInput]], prompt: str) -> list[ProcessedSample]:
         return self.preprocess_prompts(images, [prompt])

@@ -14,17 +14,19 @@ The hot path, in the spirit of gpt-fast:
 
 Every slot owns a cache row: its sequence starts at position 0, so a token's RoPE position is its cache index,
 whatever the slot, its neighbours or their arrival order. A slot that is not decoding writes its (ignored) step
-into the row's last position, which no sequence uses. Compiled, the decode step is one graph per
-(rows, attended length) bucket, the extend and vision steps one graph each with dynamic shapes.
+into the row's last position, which no sequence uses. Compiled, each step is a few graphs with dynamic sizes, ready
+(compiled, or loaded from an earlier engine's artifact) before the first request: :meth:`GenerationEngine.warmup`.
 """
 
+import logging
 import math
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
-from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -32,7 +34,11 @@ import torch
 import torch.nn.functional as F
 from fms.modules.attention import register_attention_op
 
+from fms_smolvlm.compiled import CompiledStep, CompiledSteps, artifact_key
+from fms_smolvlm.processing import SourceImage, tiles_from_sources
 from fms_smolvlm.smolvlm import SmolVLM
+
+logger = logging.getLogger(__name__)
 
 ATTN_NAME = "smolvlm_slots"
 # cache lengths: powers of two with a 1.5x step in between, so at most a third of what is attended is unused
@@ -184,6 +190,11 @@ class SlotCache:
             value[target, :, :length] = value[source, :, :length]
 
 
+def encode_tiles(model: SmolVLM, tiles):
+    """uint8 tiles ``(tiles, 3, M, M)`` -> the vision tower's text-space features (the engine's vision step)."""
+    return model.image_features(tiles)
+
+
 def extend(model: SmolVLM, ids, features, positions, slots, attend: str, attend_len: int, last, cache_layers):
     """Write ``ids`` (rows, n) at ``positions`` of ``slots`` and return the logits at each row's index ``last``."""
     embeds = model.embed(ids, features)
@@ -231,6 +242,41 @@ def decode_step(model: SmolVLM, tokens, lengths, active, sampling: Optional["Row
     if sampling is not None:
         sampling.steps.add_(active)
     return chosen
+
+
+def _rows(n: int) -> str:
+    return "one" if n == 1 else "many"  # a size of 1 is never a dynamic size: a graph of its own
+
+
+def _vision_variant(model, tiles) -> str:
+    return _rows(tiles.shape[0])
+
+
+def _vision_dynamic_dims(model, tiles) -> list:
+    return [(tiles, 0)] if tiles.shape[0] > 1 else []  # the tile count; the tile's own size stays static
+
+
+def _extend_variant(model, ids, features, positions, slots, attend, attend_len, last, cache_layers) -> str:
+    return f"{attend}-{_rows(ids.shape[0])}"
+
+
+def _decode_variant(model, tokens, lengths, active, sampling, rows, attend_len, cache_layers) -> str:
+    return f"{'greedy' if sampling is None else 'sample'}-{_rows(rows)}"
+
+
+def compiled_steps(model: SmolVLM, cache: Optional[Path]) -> CompiledSteps:
+    """The engine's three steps compiled ahead of time, one graph per variant: the vision tower over one tile or
+    several; ``extend`` per attention mode over one row or several; the decode step greedy or sampling, over one
+    row or several (CUDA graphs on a GPU, captured per shape by the warm-up). Every other size is dynamic."""
+    options = inference_compile_options(model.device)
+    decode = {"mode": "reduce-overhead"} if model.device.type == "cuda" else {"options": options}
+    steps = [
+        CompiledStep("vision", encode_tiles, _vision_variant, dynamic_dims=_vision_dynamic_dims, options=options),
+        CompiledStep("extend", extend, _extend_variant, dynamic=True, options=options),
+        CompiledStep("decode", decode_step, _decode_variant, dynamic=True, **decode),
+    ]
+    key = artifact_key(model.config, model.dtype, model.device, {"steps": options, "decode": decode})
+    return CompiledSteps(steps, key, cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +370,8 @@ class Request:
 
     prompt_ids: Sequence[np.ndarray]  # int64 (seq,) per prompt
     # uint8 (tiles, 3, M, M), in the order of the prompt's images: a numpy array, or a tensor already on the engine's
-    # device (a caller that copies while the engine decodes)
-    tiles: Union[np.ndarray, torch.Tensor, None] = None
+    # device (a caller that copies while the engine decodes); or a SourceImage, which the engine resizes and tiles
+    tiles: Union[np.ndarray, torch.Tensor, SourceImage, None] = None
     params: Sequence[SamplingParams] = (SamplingParams(),)  # per prompt
     seed: int = 0
 
@@ -357,7 +403,7 @@ class _Sequence:
 class _Images:
     """A request's tiles, and the vision tower's features for them once it has run (shared by its prompts)."""
 
-    tiles: Union[np.ndarray, torch.Tensor]
+    tiles: Union[np.ndarray, torch.Tensor, SourceImage]
     features: Optional[torch.Tensor] = None
 
 
@@ -393,12 +439,17 @@ class GenerationEngine:
         prefill_chunk: int = 2048,
         max_prefill_tokens: int = 8192,
         max_vision_tiles: int = 128,
+        compile_cache: Optional[Path] = None,
     ):
         """``max_batch_size`` slots decode together. Every ``sync_every`` decode steps the host looks at the new
         tokens and fills freed slots; a prompt is written in chunks of at most ``prefill_chunk`` tokens and one
         extend step writes at most ``max_prefill_tokens`` (padding included), so a decode step never waits long; the
         vision tower sees at most ``max_vision_tiles`` tiles per call (an image with more is encoded alone).
-        ``cache_budget_bytes``: the largest KV cache to allocate (default: 40% of the GPU's memory, 4 GiB on the CPU)."""
+        ``cache_budget_bytes``: the largest KV cache to allocate (default: 40% of the GPU's memory, 4 GiB on the CPU).
+
+        ``compile``: the vision, extend and decode steps run as graphs compiled ahead of time (:mod:`fms_smolvlm.compiled`)
+        by :meth:`warmup`, which walks every one of them, loading them from ``compile_cache`` (a folder) when an earlier
+        engine saved them there and saving them there when it compiled them; None: compiled in this process only."""
         self.model = model.eval()
         self.device = model.device
         self.stop_ids = sorted(set(stop_ids))
@@ -414,16 +465,12 @@ class GenerationEngine:
         self.rope_positions = model.config.text_config.max_expected_seq_len
         self.max_positions = min(self.rope_positions, LENGTH_BUCKETS[-1]) - sync_every - 1
         self.cache: Optional[SlotCache] = None
-        self._compiled = compile
-        self._vision, self._extend, self._decode = model.image_features, extend, decode_step
-        if compile:
-            options = inference_compile_options(self.device)
-            self._vision = torch.compile(model.image_features, dynamic=True, options=options)
-            self._extend = torch.compile(extend, dynamic=True, options=options)
-            if self.device.type == "cuda":  # CUDA graphs for the decode step
-                self._decode = torch.compile(decode_step, dynamic=False, fullgraph=True, mode="reduce-overhead")
-            else:
-                self._decode = torch.compile(decode_step, dynamic=False, fullgraph=True, options=options)
+        self.compiled: Optional[CompiledSteps] = compiled_steps(model, compile_cache) if compile else None
+        self._vision, self._extend, self._decode = (
+            (encode_tiles, extend, decode_step) if self.compiled is None else self.compiled.steps.values()
+        )
+        # a compiled extend always gets features, at least two rows: None, or one row, would be graphs of their own
+        self._no_features = torch.zeros(2, model.config.text_config.emb_dim, dtype=model.dtype, device=self.device)
         self._waiting: deque = deque()  # tickets not yet given slots
         self._filling: list = []  # fills holding a slot, part written
         self._slots: list = [None] * max_batch_size  # slot -> its _Sequence
@@ -472,16 +519,15 @@ class GenerationEngine:
     def has_work(self) -> bool:
         return bool(self._tickets)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: tensors made in it would not pass the compiled graphs' guards
     def step(self) -> list[tuple[int, list[Generation]]]:
         """One scheduling round: fill free slots (bounded prefill work), decode ``sync_every`` tokens in every
         decoding slot, retire what finished. Returns the tickets completed in this round."""
-        with self._compile_settings():
-            finished = self._admit()
-            if self._state.decoding_slots:
-                self._decode_window()
-                finished += self._retire()
-            self._compact()
+        finished = self._admit()
+        if self._state.decoding_slots:
+            self._decode_window()
+            finished += self._retire()
+        self._compact()
         return [(ticket, self._complete(ticket)) for ticket in finished if ticket is not None]
 
     def generate(self, requests: Sequence[Request]) -> list[list[Generation]]:
@@ -492,11 +538,76 @@ class GenerationEngine:
             results.update(self.step())
         return [results[ticket] for ticket in tickets]
 
+    def warmup(self, sampling: bool = False, max_positions: Optional[int] = None) -> dict:
+        """Ready every compiled graph before the first request, so that none compiles while serving: load the
+        graphs an earlier engine saved in ``compile_cache``, compile the others (and save them there), and run each
+        once: the vision step over one tile and over several, ``extend`` in both attention modes over one row and
+        over several, the decode step at every rows bucket, greedy, and sampling too with ``sampling``. On a GPU the
+        decode step also runs at every cache length up to ``max_positions`` (default: the model's), which captures
+        its CUDA graphs here. Returns what it did (graphs loaded and compiled, seconds, the artifact's folder); an
+        eager engine has nothing to warm up."""
+        if self.compiled is None:
+            return {}
+        started = time.perf_counter()
+        if not self.compiled.load():
+            self.compiled.begin_compiling()
+        on_gpu = self.device.type == "cuda"
+        self._ensure_cache(min(max_positions or self.max_positions, self.max_positions) if on_gpu else LENGTH_BUCKETS[1])
+        lengths = [n for n in LENGTH_BUCKETS if n < self.cache.length - 1] + [self.cache.length - 1]
+        calls = self._warmup_calls(sampling, cache_lengths=lengths if on_gpu else lengths[:1])
+        with torch.no_grad():
+            for name, call in calls:
+                step_started = time.perf_counter()
+                for _ in range(3 if on_gpu else 1):  # CUDA graph trees: a warm-up run, the capture, a replay
+                    call()
+                logger.debug("warm-up: %s (%.2f s)", name, time.perf_counter() - step_started)
+        artifact = self.compiled.save()
+        self.compiled.seal()
+        report = {
+            "graphs_loaded": self.compiled.loaded,
+            "graphs_compiled": self.compiled.compiled,
+            "calls": len(calls),
+            "seconds": round(time.perf_counter() - started, 2),
+            "artifact": None if artifact is None else str(artifact),
+        }
+        logger.info("warm-up done in %.1f s: %d graphs loaded, %d compiled, %d shapes run%s", report["seconds"],
+                    report["graphs_loaded"], report["graphs_compiled"], len(calls),
+                    f" (artifact {artifact})" if artifact else "")
+        return report
+
+    def _warmup_calls(self, sampling: bool, cache_lengths: Sequence[int]) -> list[tuple[str, Callable]]:
+        """Every variant of every step, on inputs that touch only the cache's scratch position (no slot decodes)."""
+        model, cache, device = self.model, self.cache, self.device
+        side = model.config.vision_config.image_size
+        calls = [
+            (f"vision, {n} tiles", lambda n=n: self._vision(model, torch.zeros(n, 3, side, side, dtype=torch.uint8, device=device)))
+            for n in (1, 2)
+        ]
+        scratch = cache.length - 1
+        for attend in ("fresh", "rows"):
+            for rows in (1, 2):
+                ids = torch.full((rows, PAD_MULTIPLE), self.pad_id, device=device)
+                positions = torch.full((rows, PAD_MULTIPLE), scratch, device=device)
+                attend_len = PAD_MULTIPLE if attend == "fresh" else cache_lengths[0]
+                args = (model, ids, self._no_features, positions, torch.arange(rows, device=device), attend, attend_len,
+                        torch.zeros(rows, dtype=torch.int64, device=device), cache.layers)
+                calls.append((f"extend ({attend}), {rows} rows", lambda args=args: self._extend(*args)))
+        state = self._state
+        for row_sampling in [None] + ([state.sampling] if sampling else []):
+            for rows in self.batch_buckets:
+                for length in cache_lengths:
+                    args = (model, state.tokens, state.lengths, state.active, row_sampling, rows, length, cache.layers)
+                    kind = "greedy" if row_sampling is None else "sampling"
+                    calls.append((f"decode ({kind}), {rows} rows, {length} positions", lambda args=args: self._decode(*args)))
+        return calls
+
     def stats(self) -> dict:
-        """Cache and compile statistics: the KV cache's shape and size, the decode shapes used (each one graph when
-        compiled), and counts of requests, decode steps, extend and vision calls, tiles seen by the vision tower and
-        prompt tokens shared."""
+        """Cache and compile statistics: graphs compiled and loaded (None: eager), the KV cache's shape and size, the
+        decode shapes used (on a GPU, each its CUDA graph), and counts of requests, decode steps, extend and vision
+        calls, tiles seen by the vision tower and prompt tokens shared."""
         return {
+            "compiled_graphs": None if self.compiled is None else self.compiled.compiled,
+            "loaded_graphs": None if self.compiled is None else self.compiled.loaded,
             "cache_shape": None if self.cache is None else self.cache.shape,
             "cache_bytes": 0 if self.cache is None else self.cache.nbytes,
             "decode_shapes": sorted(self._decode_shapes),
@@ -564,20 +675,30 @@ class GenerationEngine:
             self._encode_group(group)
 
     def _encode_group(self, group: list["_Images"]) -> None:
-        parts = [images.tiles for images in group]
-        if all(isinstance(part, np.ndarray) for part in parts):
-            # one copy into a fresh array: the job's tiles are views of Arrow's read-only buffers, which torch would
-            # wrap with a warning (printed on the caller's console by every Ray replica)
-            tiles = torch.from_numpy(np.concatenate(parts)).to(self.device)
-        else:  # tiles a caller already copied to the device
-            tiles = torch.cat([torch.as_tensor(part, device=self.device) for part in parts])
-        features = self._vision(tiles)
+        tiles = self._device_tiles([images.tiles for images in group])
+        features = self._vision(self.model, tiles)
         self._counts["vision_calls"] += 1
         self._counts["vision_tiles"] += tiles.shape[0]
         per_tile = features.shape[0] // tiles.shape[0]
         offsets = np.cumsum([0] + [len(images.tiles) * per_tile for images in group])
         for images, start, stop in zip(group, offsets[:-1], offsets[1:]):
             images.features = features[start:stop]
+
+    def _device_tiles(self, parts: list) -> torch.Tensor:
+        """The parts' tiles, concatenated on the device: uint8 arrays copied there, tensors already there, and
+        source images resized and tiled there (batched by plan)."""
+        if all(isinstance(part, np.ndarray) for part in parts):
+            # one copy into a fresh array: the job's tiles are views of Arrow's read-only buffers, which torch would
+            # wrap with a warning (printed on the caller's console by every Ray replica)
+            return torch.from_numpy(np.concatenate(parts)).to(self.device)
+        sources = [part for part in parts if isinstance(part, SourceImage)]
+        tiled = iter(tiles_from_sources(sources, self.device))
+        return torch.cat([
+            next(tiled) if isinstance(part, SourceImage)
+            else torch.from_numpy(np.array(part)).to(self.device) if isinstance(part, np.ndarray)
+            else part.to(self.device)
+            for part in parts
+        ])
 
     def _write_chunks(self, batch: list[tuple["_Fill", int]], attend: str) -> list[int]:
         """One extend call for these chunks; fills that complete get their first token and start decoding."""
@@ -594,16 +715,16 @@ class GenerationEngine:
             if count:  # this chunk's share of the request's image features, in order
                 before = int((fill.ids[: fill.written] == self.model.config.image_token_id).sum())
                 features.append(fill.images.features[before : before + count])
-        attend_len = width if attend == "fresh" else round_up(max(f.written + n for f, n in batch), LENGTH_BUCKETS)
+        attend_len = width if attend == "fresh" else self._attended(max(f.written + n for f, n in batch))
         last = torch.tensor([n - 1 for _, n in batch], device=self.device)
         logits = self._extend(
             self.model,
             torch.from_numpy(ids).to(self.device),
-            torch.cat(features) if features else None,
+            self._chunk_features(features),
             torch.from_numpy(positions).to(self.device),
             torch.tensor([fill.sequence.slot for fill, _ in batch], device=self.device),
             attend,
-            min(attend_len, self.cache.length),
+            attend_len,
             last,
             self.cache.layers,
         )
@@ -626,6 +747,11 @@ class GenerationEngine:
         first = choose_tokens(logits[[row for row, _ in prompts]], sampling)
         return self._start_decoding([fill for _, fill in prompts], first.tolist())
 
+    def _chunk_features(self, features: list) -> Optional[torch.Tensor]:
+        if self.compiled is None:
+            return torch.cat(features) if features else None
+        return torch.cat(features + [self._no_features])  # the rows past the image tokens are never read
+
     def _start_decoding(self, fills: list["_Fill"], first_tokens: list[int]) -> list[int]:
         """Record each sequence's first token; those not already finished decode from the next window on."""
         finished, starting = [], []
@@ -645,7 +771,7 @@ class GenerationEngine:
         state = self._state
         rows = self._decode_rows()
         longest = max(self._slots[slot].length for slot in state.decoding_slots)
-        attend_len = min(round_up(longest + self.sync_every, LENGTH_BUCKETS), self.cache.length)
+        attend_len = self._attended(longest + self.sync_every)
         self._decode_shapes.add((rows, attend_len))
         sampling = state.sampling if state.any_sampling else None
         for step in range(self.sync_every):
@@ -653,6 +779,12 @@ class GenerationEngine:
                 self.model, state.tokens, state.lengths, state.active, sampling, rows, attend_len, self.cache.layers
             )
         self._counts["decode_steps"] += self.sync_every
+
+    def _attended(self, needed: int) -> int:
+        """Cache positions a step attends to: ``needed`` rounded up to a bucket, but never the whole cache (its last
+        position is the scratch one, which no sequence uses): a graph that slices all of the cache is another graph
+        than one that slices a part (the slice's strides differ), which the warm-up would not have met."""
+        return min(round_up(needed, LENGTH_BUCKETS), self.cache.length - 1)
 
     def _decode_rows(self) -> int:
         """The decode step runs over slots ``[0, rows)``: up to the highest decoding slot, rounded up to a bucket."""
@@ -729,13 +861,6 @@ class GenerationEngine:
         else:
             self.cache = self.cache.grown(self.model, length)
         self._state.move_scratch(self.cache.length - 1)
-
-    def _compile_settings(self):
-        """Every (rows, length) bucket of the decode step is a graph of its own: allow all of them, here only."""
-        if not self._compiled:
-            return nullcontext()
-        limit = len(self.batch_buckets) * len(LENGTH_BUCKETS) * 2
-        return torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(limit, 256))
 
 
 def _samples(sequences: list[_Sequence]) -> bool:

@@ -1,7 +1,10 @@
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# compiled graphs go to one folder per session (never the user's cache): each shape compiles once per session
+os.environ["FMS_SMOLVLM_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="fms-smolvlm-compiled-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

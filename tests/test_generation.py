@@ -1,5 +1,5 @@
 """The continuous-batching engine: HF-identical greedy tokens whatever the slot, the neighbours and the arrival order,
-eager and compiled; bounded recompiles; per-request limits and seeds; the background engine."""
+eager and compiled; no compile after the warm-up; per-request limits and seeds; the background engine."""
 
 import asyncio
 import warnings
@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from fms_smolvlm import Captioner
+from fms_smolvlm.processing import SmolVLMPreprocessor
 from fms_smolvlm.generation import BackgroundEngine, Request, RowSampling, SamplingParams, choose_tokens, counter_uniform
 from tests.conftest import random_image
 from tests.hf_reference import hf_greedy
@@ -78,22 +79,44 @@ def test_greedy_equals_hf_with_requests_arriving_while_others_decode(request, ar
     assert reversed_results[::-1] == expected
 
 
-def test_recompiles_are_bounded_over_a_long_run(compiled):
-    """120 requests of varied prompts (text and 1 to 17 tiles) and caption lengths: graphs only for new decode
-    buckets; the vision tower and extend steps have dynamic shapes."""
+def varied_requests(checkpoint, eager, count: int = 300) -> list[Request]:
+    """Text-only, 1-tile and 5..17-tile images, three prompt lengths, one to three prompts per image, limits from 1
+    to 40 tokens (some run to their limit), and a video-sized request of 64 tiles."""
     rng = np.random.default_rng(0)
-    graphs_before = counters["stats"]["unique_graphs"]
-    shapes_before = set(compiled.engine.stats()["decode_shapes"])
-    prompts = [PROMPT, "What?", "Write a detailed description of everything that is visible in this picture."]
-    images = [random_image(int(rng.integers(20, 240)), int(rng.integers(20, 240)), seed=500 + i) for i in range(40)]
-    samples = [s for prompt in prompts for s in compiled.preprocess(images, prompt)]
-    requests = [Request((s.input_ids,), s.tiles, (SamplingParams(int(rng.integers(1, 40))),)) for s in samples]
+    unsplit = SmolVLMPreprocessor.from_pretrained(checkpoint, image_splitting=False)
+    prompts = [PROMPT, "What?", "Write a detailed description of everything that is visible in this picture, please."]
+    requests = []
+    while len(requests) < count - 1:
+        image = random_image(int(rng.integers(8, 240)), int(rng.integers(8, 240)), seed=len(requests))
+        media = [None, image][int(rng.random() < 0.9)]
+        preprocessor = unsplit if rng.random() < 0.2 else eager.preprocessor
+        chosen = [prompts[i] for i in rng.choice(3, size=int(rng.integers(1, 4)), replace=False)]
+        sample = preprocessor.process(media, chosen)
+        params = tuple(SamplingParams(int(rng.integers(1, 41)), ignore_eos=bool(rng.random() < 0.3)) for _ in chosen)
+        requests.append(Request(sample.prompt_ids, sample.tiles, params))
+    ids = eager.preprocessor.prompt_ids(PROMPT, 0, 0).tolist()  # one unsplit tile's prompt, its image 64 times
+    image_id = eager.preprocessor.image_token_id
+    first, last = ids.index(image_id), len(ids) - ids[::-1].index(image_id)
+    video_ids = np.asarray(ids[:first] + ids[first:last] * 64 + ids[last:], dtype=np.int64)
+    video_tiles = np.random.default_rng(1).integers(0, 256, size=(64, 3, 32, 32), dtype=np.uint8)
+    return requests + [Request((video_ids,), video_tiles, (SamplingParams(24),))]
+
+
+def test_nothing_compiles_after_warm_up(checkpoint, compiled, eager):
+    """300 requests of every shape the engine meets (varied prompts, 0 to 64 tiles, several prompts per image,
+    captions up to their limit), after the warm-up: no graph compiles (Dynamo's counters and the engine's own), and
+    the tokens are eager's."""
+    requests = varied_requests(checkpoint, eager)
+    assert len(requests) >= 300 and {len(r.params) for r in requests} == {1, 2, 3}
+    assert {0, 1, 64} <= {0 if r.tiles is None else len(r.tiles) for r in requests}
+    graphs_before, frames_before = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+    compiled_before = compiled.engine.stats()["compiled_graphs"]
     results = compiled.engine.generate(requests)
-    assert len(results) == 120 and all(len(r[0].token_ids) <= q.params[0].max_new_tokens for r, q in zip(results, requests))
-    new_graphs = counters["stats"]["unique_graphs"] - graphs_before
-    new_shapes = set(compiled.engine.stats()["decode_shapes"]) - shapes_before
-    assert new_graphs <= len(new_shapes) + 2, (new_graphs, sorted(new_shapes))
-    assert len(compiled.engine.stats()["decode_shapes"]) <= 3 * len(compiled.engine.batch_buckets)
+    assert counters["stats"]["unique_graphs"] == graphs_before and counters["frames"]["total"] == frames_before
+    assert compiled.engine.stats()["compiled_graphs"] == compiled_before
+    expected = eager.engine.generate(requests)
+    assert [[g.token_ids for g in r] for r in results] == [[g.token_ids for g in r] for r in expected]
+    assert any(g.finish_reason == "length" for r in results for g in r)
 
 
 def test_limits_stop_each_request_and_short_captions_free_their_slots(eager):
