@@ -59,7 +59,9 @@ def committed_shards(fs: fsspec.AbstractFileSystem, root: str, retries: Optional
     """Shards with a checkpoint. A Parquet file without one (a crash in between) is redone and replaced. Listed under
     ``retries`` (the default policy if None)."""
     directory = join(root, CHECKPOINTS_DIR)
-    return set((retries or StoreRetries()).call(f"list {fs.unstrip_protocol(directory)}", lambda: list_names(fs, directory, ".json")))
+    listed = (retries or StoreRetries()).call(f"list {fs.unstrip_protocol(directory)}",
+                                              lambda: list_names(fs, directory, ".json"))
+    return set(listed)
 
 
 def parquet_bytes(rows: list[dict], schema: pa.Schema = OUTPUT_SCHEMA) -> bytes:

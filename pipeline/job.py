@@ -179,7 +179,10 @@ def store_retry_policy(config: JobConfig) -> RetryPolicy:
 
 
 def _lease(fs, root: str, config: JobConfig, retries: StoreRetries) -> OutputLease:
-    return OutputLease(fs, root, ttl_s=config.lease_ttl, heartbeat_s=min(30.0, config.lease_ttl / 3), retries=retries)
+    # commits stop a heartbeat before the lease could expire, so a short heartbeat leaves most of the ttl to a store
+    # outage (ttl 180 s: a heartbeat every 10 s, and an outage of up to 150 s is ridden out whenever it starts)
+    heartbeat_s = min(10.0, config.lease_ttl / 3)
+    return OutputLease(fs, root, ttl_s=config.lease_ttl, heartbeat_s=heartbeat_s, retries=retries)
 
 
 def _write_summary(fs, root: str, summary: dict, lease: OutputLease, retries: StoreRetries) -> None:
@@ -352,7 +355,8 @@ def _check_output(fs, root: str, url: str, fingerprint: dict, overwrite: bool, d
 
 
 def _remove_results(fs, root: str, retries: StoreRetries) -> None:
-    for name in (CHECKPOINTS_DIR, SHARDS_DIR, SUMMARY_FILE, JOB_FILE):  # checkpoints first: a shard without one is redone
+    # checkpoints first: a shard without one is redone
+    for name in (CHECKPOINTS_DIR, SHARDS_DIR, SUMMARY_FILE, JOB_FILE):
         path = join(root, name)
         retries.call(f"remove {fs.unstrip_protocol(path)}", lambda: _remove_if_present(fs, path))
 
@@ -494,7 +498,8 @@ def _spread() -> dict:
     return {"scheduling_strategy": "SPREAD"}
 
 
-def _summary(committer: ShardCommitter, pending, done, started: float, failure: Optional[str], store_retries: dict) -> dict:
+def _summary(committer: ShardCommitter, pending, done, started: float, failure: Optional[str],
+             store_retries: dict) -> dict:
     wall = time.time() - started
     stats = committer.stats
     return {

@@ -363,7 +363,8 @@ class OutputLease:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 # retried for as long as commits may go on; past that, the lease is as good as lost
-                self.retries.call(f"renew the lease on {self.url}", self._renew, self._policy_until_unsafe(), self._stop)
+                what = f"renew the lease on {self.url}"
+                self.retries.call(what, self._renew, self._policy_until_unsafe(), self._stop)
             except LeaseLostError as error:  # taken over
                 self._lose(str(error))
                 return
@@ -379,6 +380,9 @@ class OutputLease:
             raise LeaseLostError(f"lost the lease on {self.url}: taken over by {holder}")
         now = time.time()
         write_atomic(self.fs, self._path(self.generation), self._record(now))
+        if time.time() >= self._expires_at:  # it hung until another run could have taken over, unseen by the read
+            raise LeaseLostError(f"lost the lease on {self.url}: a heartbeat landed after the lease could expire "
+                                 f"at {_iso(self._expires_at)}")
         self._renewed_at, self._expires_at = now, now + self.ttl_s
 
     def _write_release(self) -> None:

@@ -54,16 +54,23 @@ RETRY_LOG_EVERY_S = 10.0  # a call that keeps failing says so at most this often
 # known here): ResponseStreamingError and aiohttp's ClientPayloadError are a body cut short, IncompleteReadError one
 # that ended early without an error
 _TIMEOUTS = (boto.ConnectTimeoutError, boto.ReadTimeoutError, FSTimeoutError, TimeoutError)
-_CONNECTIONS = (boto.HTTPClientError, boto.ConnectionError, boto.IncompleteReadError, aiohttp.ClientError, http.client.IncompleteRead,
-                ConnectionError)
+_CONNECTIONS = (
+    boto.HTTPClientError,
+    boto.ConnectionError,
+    boto.IncompleteReadError,
+    aiohttp.ClientError,
+    http.client.IncompleteRead,
+    ConnectionError,
+)
 
 
 @dataclass(frozen=True)
 class Failure:
     """What a failed call says about the store."""
 
-    kind: Optional[str]  # why another attempt may succeed: "throttled", "unavailable", "timeout", "connection"; None: it cannot
-    answer: str  # "the store answered 503 ServiceUnavailable", "the store did not answer in time (ReadTimeoutError: ...)"
+    # why another attempt may succeed: "throttled", "unavailable", "timeout", "connection"; None: it cannot
+    kind: Optional[str]
+    answer: str  # "the store answered 503 ServiceUnavailable", "the store did not answer in time (ReadTimeoutError...)"
 
 
 def _chain(error: BaseException):
@@ -91,7 +98,8 @@ def classify(error: BaseException) -> Failure:
         return _classify_answer(response)
     for link in _chain(error):
         if isinstance(link, aiohttp.ClientResponseError):  # an answer, from a store that fsspec reaches by plain HTTP
-            return _classify_answer({"ResponseMetadata": {"HTTPStatusCode": link.status}, "Error": {"Message": link.message}})
+            response = {"ResponseMetadata": {"HTTPStatusCode": link.status}, "Error": {"Message": link.message}}
+            return _classify_answer(response)
         if isinstance(link, _TIMEOUTS):
             return Failure("timeout", f"the store did not answer in time ({one_line(link, with_type=True)})")
         if isinstance(link, _CONNECTIONS):

@@ -134,7 +134,8 @@ def test_a_shard_whose_writes_keep_failing_is_reported_failed_and_has_no_checkpo
     assert committer.stats.committed == ["good"]
     assert list(committer.stats.failed) == ["bad"]
     reason = committer.stats.failed["bad"]
-    assert reason.startswith(f"cannot write memory://{checkpoint_file(root, 'bad')}: the store answered 503 SlowDown for ")
+    path = f"memory://{checkpoint_file(root, 'bad')}"
+    assert reason.startswith(f"cannot write {path}: the store answered 503 SlowDown for "), reason
     assert reason.endswith(" s (--store-retry-seconds 0.05)"), reason
     assert fs.attempts.count(checkpoint_file(root, "bad")) >= 2  # retried until the budget was spent
     assert not fs.exists(checkpoint_file(root, "bad")) and committed_shards(fs, root) == {"good"}
@@ -147,7 +148,8 @@ def test_an_answer_that_retrying_cannot_change_fails_the_shard_at_once(root):
     with ShardCommitter(fs, root, writers=2, retries=StoreRetries(slow)) as committer:
         committer.add(batches(shard_rows("denied", 1) + shard_rows("good", 1), 10)[0])
     assert committer.stats.committed == ["good"]
-    assert committer.stats.failed == {"denied": "cannot write shard denied: the store answered 403 AccessDenied (Access Denied)"}
+    reason = "cannot write shard denied: the store answered 403 AccessDenied (Access Denied)"
+    assert committer.stats.failed == {"denied": reason}
     assert fs.attempts.count(shard_file(root, "denied")) == 1 and committer.retries.counts == {}
 
 

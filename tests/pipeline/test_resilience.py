@@ -156,8 +156,8 @@ def test_a_store_outage_past_the_retry_budget_fails_the_run_and_the_rerun_rides_
         ender = EndOutageWhenCommitsFinish(proxy)
         commit_log.addHandler(ender)
         try:
-            failed = run_job(on_s3.input, output, "--storage-options", through(proxy, on_s3.options, **NO_CLIENT_RETRIES),
-                             "--store-retry-seconds", "2")
+            failed = run_job(on_s3.input, output, "--storage-options",
+                             through(proxy, on_s3.options, **NO_CLIENT_RETRIES), "--store-retry-seconds", "2")
         finally:
             commit_log.removeHandler(ender)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -92,7 +92,8 @@ def lease_record(fs, root: str, generation: int) -> dict:
 
 
 def shard_batch(shard_id: str) -> pa.Table:
-    schema = pa.schema(list(OUTPUT_SCHEMA) + [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string())])
+    routing = [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string())]
+    schema = pa.schema(list(OUTPUT_SCHEMA) + routing)
     row = {name: None for name in schema.names}
     rows = [{**row, "key": "k", "shard_id": shard_id, "caption": "c", "index": 0, "replica": "r"},
             {**row, "shard_id": shard_id, "shard_size": 1, "index": -1}]
