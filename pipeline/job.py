@@ -11,9 +11,10 @@ import queue
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import fms_smolvlm
 from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint
@@ -112,14 +113,15 @@ def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, pre
             # leaving the block waits for the shards being written; it raises if the lease stopped the writes
             with committer:
                 dataset = build_dataset(config, pending, resources, preprocess, video, read_retries)
-                for batch in results_until_stalled(dataset, config.stall_timeout):
+                for batch in results_until_stalled(dataset, config.stall_timeout, lease.check):
                     committer.add(batch)
         except Exception as error:  # a replica died, the lease was lost, the run stalled: committed shards stay
             failure = one_line(error, with_type=not isinstance(error, (StalledError, LeaseLostError)))
     else:
         logger.info("nothing to do: all %d shards are committed", len(shards))
 
-    store_retries = _merged(retries.counts, read_retries.counts() if read_retries else {})
+    read_counts = read_retries.counts() if read_retries else {}
+    store_retries = dict(sorted((Counter(retries.counts) + Counter(read_counts)).items()))
     summary = _summary(committer, pending, done, started, failure, store_retries)
     _write_summary(out_fs, root, summary, lease, retries)
     print(json.dumps(summary, indent=2))
@@ -136,12 +138,14 @@ class StalledError(RuntimeError):
 
 
 _END = object()
+CHECK_EVERY_S = 1.0
 
 
-def results_until_stalled(dataset, stall_timeout: float) -> Iterator:
+def results_until_stalled(dataset, stall_timeout: float, check: Callable[[], None]) -> Iterator:
     """The dataset's result batches as they come; ``StalledError`` once none has come for ``stall_timeout``
     seconds. A thread of its own waits on Ray Data, so that the wait can be given up (Ray Data's own wait for the
-    next batch cannot be interrupted)."""
+    next batch cannot be interrupted). ``check()`` runs every second of a wait; its error ends the run (a lease that
+    could expire: nothing more could be committed)."""
     batches: queue.Queue = queue.Queue(maxsize=2)
 
     def read() -> None:
@@ -154,14 +158,19 @@ def results_until_stalled(dataset, stall_timeout: float) -> Iterator:
             batches.put(error)
 
     threading.Thread(target=read, name="results", daemon=True).start()
+    waiting_since = time.monotonic()
     while True:
         try:
-            item = batches.get(timeout=stall_timeout)
+            item = batches.get(timeout=min(CHECK_EVERY_S, stall_timeout))
         except queue.Empty:
+            check()
+            if time.monotonic() - waiting_since < stall_timeout:
+                continue
             logger.error("no result for %.0f s (--stall-timeout): stopping the run", stall_timeout)
             raise StalledError(
                 f"no progress for {stall_timeout:.0f} s (--stall-timeout): stopped; committed shards are kept"
             ) from None
+        waiting_since = time.monotonic()
         if item is _END:
             return
         if isinstance(item, BaseException):
@@ -194,14 +203,6 @@ def _write_summary(fs, root: str, summary: dict, lease: OutputLease, retries: St
         retries.call(f"write {fs.unstrip_protocol(path)}", lambda: write_json(fs, path, summary))
     except Exception as error:  # the lease ran out or the store is away: the run's outcome stands either way
         logger.warning("the summary is not written to the output: %s", describe(error))
-
-
-def _merged(*counts: dict) -> dict:
-    merged: dict = {}
-    for part in counts:
-        for kind, count in part.items():
-            merged[kind] = merged.get(kind, 0) + count
-    return dict(sorted(merged.items()))
 
 
 def _resolve_storage(url: str, storage_options: dict, what: str):
@@ -385,10 +386,10 @@ class _RetryTally:
     """The store retries of a run's read tasks, by kind (a Ray actor)."""
 
     def __init__(self):
-        self._counts: dict = {}
+        self._counts = Counter()
 
     def add(self, kind: str) -> None:
-        self._counts[kind] = self._counts.get(kind, 0) + 1
+        self._counts[kind] += 1
 
     def counts(self) -> dict:
         return dict(self._counts)

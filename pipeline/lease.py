@@ -222,6 +222,7 @@ class OutputLease:
         self._expires_at = 0.0
         self._lost = threading.Event()
         self._lost_reason = ""
+        self._heartbeat_failure: str | None = None  # what the store said to the last heartbeat, while they fail
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -371,10 +372,19 @@ class OutputLease:
             except Exception as error:
                 if self._stop.is_set():  # released while the store was away
                     return
-                self._lose(f"{self._expiring_reason()}; its heartbeats failed: {describe(error)}")
+                self._heartbeat_failure = describe(error)
+                self._lose(self._expiring_reason())
                 return
 
     def _renew(self) -> None:
+        try:
+            self._renew_once()
+        except Exception as error:
+            self._heartbeat_failure = describe(error)  # check() names it if commits stop before the heartbeat gives up
+            raise
+        self._heartbeat_failure = None
+
+    def _renew_once(self) -> None:
         holder = self._read_holder()
         if holder is None or holder.generation != self.generation:
             raise LeaseLostError(f"lost the lease on {self.url}: taken over by {holder}")
@@ -404,7 +414,8 @@ class OutputLease:
         return replace(policy, budget_s=min(policy.budget_s, safe_s), limit="while the lease lasts")
 
     def _expiring_reason(self) -> str:
-        return (
+        reason = (
             f"stopped committing to {self.url}: its lease was last renewed at {_iso(self._renewed_at)} and could "
             f"expire at {_iso(self._expires_at)} (--lease-ttl {self.ttl_s:g}), when another run may take over"
         )
+        return reason + (f"; its heartbeats failed: {self._heartbeat_failure}" if self._heartbeat_failure else "")
