@@ -166,20 +166,23 @@ class CompiledSteps:
     def __init__(self, steps: list[CompiledStep], key: dict, cache: Optional[Path]):
         self.steps = {step.name: step for step in steps}
         self.key = key
-        self.directory = None if cache is None else Path(cache) / key_digest(key)
-        self._compiling_into = self.directory  # where new kernels go: the artifact, or a folder about to become it
+        self.digest = key_digest(key)
+        self.directory = None if cache is None else Path(cache) / self.digest
+        self._kernels: Optional[Path] = None  # the Inductor cache new graphs compile into (None: Inductor's default)
+        self._staging: Optional[Path] = None  # a folder that :meth:`save` publishes as the artifact
         for step in steps:
             step.kernels = self.kernels
 
     @contextmanager
     def kernels(self) -> Iterator[None]:
-        """Compiles and loads run against this artifact's own Inductor cache, so that it holds their kernels."""
-        if self._compiling_into is None:
+        """Compiles run against the artifact's own Inductor cache (the one being built, or the one loaded), so that
+        it holds their kernels."""
+        if self._kernels is None:
             yield
             return
         from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-        with temporary_cache_dir(str(self._compiling_into / KERNELS_DIR)):
+        with temporary_cache_dir(str(self._kernels)):
             yield
 
     @property
@@ -198,6 +201,7 @@ class CompiledSteps:
         """Load the artifact's graphs; False (and a warning for a broken one) when there is none to use."""
         if self.directory is None or not (self.directory / MANIFEST).exists():
             return False
+        self._kernels = self.directory / KERNELS_DIR
         try:
             manifest = json.loads((self.directory / MANIFEST).read_text())
             if manifest.get("key") != self.key:
@@ -210,32 +214,35 @@ class CompiledSteps:
             for step in self.steps.values():
                 step.graphs.clear()
                 step.loaded = 0
+            self._kernels = None
             self._set_aside()
             return False
         logger.info("loaded %d compiled graphs from %s", self.loaded, self.directory)
         return True
 
-    def begin_compiling(self) -> None:
-        """New graphs compile into a fresh folder next to the artifact, which :meth:`save` publishes in one rename."""
+    def begin_artifact(self) -> None:
+        """Compile from here on into a fresh folder beside the artifact's, which :meth:`save` publishes."""
         if self.directory is not None:
-            self._compiling_into = self.directory.with_name(f"{self.directory.name}.partial-{uuid.uuid4().hex[:8]}")
+            self._staging = self.directory.with_name(f"{self.directory.name}.partial-{uuid.uuid4().hex[:8]}")
+            self._kernels = self._staging / KERNELS_DIR
 
     def save(self) -> Optional[Path]:
-        """Publish the graphs (with their kernels) as the artifact; an artifact another engine published first is
-        kept (it is just as valid). Returns the artifact's folder."""
-        if self.directory is None or self._compiling_into == self.directory:
-            return self.directory
-        staging = self._compiling_into
-        graphs = staging / GRAPHS_DIR
+        """Publish the graphs compiled since :meth:`begin_artifact` (with their kernels) as the artifact, in one
+        rename; an artifact another engine published first is kept (it is just as valid). Returns the artifact's
+        folder, None when there is none."""
+        if self._staging is None:
+            return self.directory if self.directory is not None and self.directory.exists() else None
+        graphs = self._staging / GRAPHS_DIR
         graphs.mkdir(parents=True, exist_ok=True)
         names = [name for step in self.steps.values() for name in step.save(graphs)]
-        (staging / MANIFEST).write_text(json.dumps({"key": self.key, "graphs": names, "created": time.time()}, indent=1))
+        manifest = {"key": self.key, "graphs": names, "created": time.time()}
+        (self._staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         try:
-            staging.rename(self.directory)
+            self._staging.rename(self.directory)
+            logger.info("saved %d compiled graphs to %s", len(names), self.directory)
         except OSError:  # published meanwhile by another engine with the same key
-            shutil.rmtree(staging, ignore_errors=True)
-        self._compiling_into = self.directory
-        logger.info("saved %d compiled graphs to %s", len(names), self.directory)
+            shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging, self._kernels = None, self.directory / KERNELS_DIR
         return self.directory
 
     def _set_aside(self) -> None:

@@ -447,9 +447,10 @@ class GenerationEngine:
         vision tower sees at most ``max_vision_tiles`` tiles per call (an image with more is encoded alone).
         ``cache_budget_bytes``: the largest KV cache to allocate (default: 40% of the GPU's memory, 4 GiB on the CPU).
 
-        ``compile``: the vision, extend and decode steps run as graphs compiled ahead of time (:mod:`fms_smolvlm.compiled`)
-        by :meth:`warmup`, which walks every one of them, loading them from ``compile_cache`` (a folder) when an earlier
-        engine saved them there and saving them there when it compiled them; None: compiled in this process only."""
+        ``compile``: the vision, extend and decode steps run as graphs compiled ahead of time (:mod:`fms_smolvlm.compiled`):
+        loaded here from ``compile_cache`` (a folder) when an earlier engine saved them there, else compiled by
+        :meth:`warmup` (which walks every one and saves them there) or, without a warm-up, as each is first needed
+        (None: nothing is loaded or saved)."""
         self.model = model.eval()
         self.device = model.device
         self.stop_ids = sorted(set(stop_ids))
@@ -466,6 +467,8 @@ class GenerationEngine:
         self.max_positions = min(self.rope_positions, LENGTH_BUCKETS[-1]) - sync_every - 1
         self.cache: Optional[SlotCache] = None
         self.compiled: Optional[CompiledSteps] = compiled_steps(model, compile_cache) if compile else None
+        if self.compiled is not None:
+            self.compiled.load()  # graphs an earlier engine saved: seconds, against minutes to compile them
         self._vision, self._extend, self._decode = (
             (encode_tiles, extend, decode_step) if self.compiled is None else self.compiled.steps.values()
         )
@@ -539,18 +542,18 @@ class GenerationEngine:
         return [results[ticket] for ticket in tickets]
 
     def warmup(self, sampling: bool = False, max_positions: Optional[int] = None) -> dict:
-        """Ready every compiled graph before the first request, so that none compiles while serving: load the
-        graphs an earlier engine saved in ``compile_cache``, compile the others (and save them there), and run each
-        once: the vision step over one tile and over several, ``extend`` in both attention modes over one row and
-        over several, the decode step at every rows bucket, greedy, and sampling too with ``sampling``. On a GPU the
-        decode step also runs at every cache length up to ``max_positions`` (default: the model's), which captures
-        its CUDA graphs here. Returns what it did (graphs loaded and compiled, seconds, the artifact's folder); an
-        eager engine has nothing to warm up."""
+        """Ready every compiled graph before the first request, so that none compiles while serving: run each step
+        once in every variant, compiling the graphs the engine did not load (and saving them to ``compile_cache`` as
+        the artifact, when it loaded none): the vision step over one tile and over several, ``extend`` in both
+        attention modes over one row and over several, the decode step at every rows bucket, greedy, and sampling too
+        with ``sampling``. On a GPU the decode step also runs at every cache length up to ``max_positions``
+        (default: the model's), which captures its CUDA graphs here. Returns what it did (graphs loaded and
+        compiled, seconds, the artifact's folder); an eager engine has nothing to warm up."""
         if self.compiled is None:
             return {}
         started = time.perf_counter()
-        if not self.compiled.load():
-            self.compiled.begin_compiling()
+        if self.compiled.loaded == 0 and self.compiled.compiled == 0:
+            self.compiled.begin_artifact()  # nothing saved to load: what the warm-up compiles becomes the artifact
         on_gpu = self.device.type == "cuda"
         self._ensure_cache(min(max_positions or self.max_positions, self.max_positions) if on_gpu else LENGTH_BUCKETS[1])
         lengths = [n for n in LENGTH_BUCKETS if n < self.cache.length - 1] + [self.cache.length - 1]

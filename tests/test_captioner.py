@@ -18,7 +18,7 @@ def test_greedy_tokens_equal_hf_generate(checkpoint_factory, name):
     path = checkpoint_factory(name)
     sizes = [(90, 60), (40, 110), (30, 30), (200, 50)]
     images = [random_image(w, h, seed=i) for i, (w, h) in enumerate(sizes, start=1)]
-    captioner = Captioner.from_pretrained(path, max_batch_size=4)
+    captioner = Captioner.from_pretrained(path, max_batch_size=4, dtype="float32")
     results = captioner.generate(images, PROMPT, max_new_tokens=20)
     expected = hf_greedy(path, images, [PROMPT] * len(images), 20, set(captioner.engine.stop_ids))
     assert [r.token_ids for r in results] == expected
@@ -28,7 +28,7 @@ def test_greedy_tokens_equal_hf_generate(checkpoint_factory, name):
 
 
 def test_results_fields_and_bad_image(checkpoint):
-    captioner = Captioner.from_pretrained(checkpoint)
+    captioner = Captioner.from_pretrained(checkpoint, dtype="float32")
     buffer = io.BytesIO()
     random_image(64, 48).save(buffer, "PNG")
     results = captioner.generate([buffer.getvalue(), b"not an image", random_image(50, 50)], max_new_tokens=5)
@@ -49,7 +49,7 @@ def test_fms_generate_drives_the_model_with_images(checkpoint):
     """FMS's own generate loop, with the model's VLM hook, gives Captioner's greedy tokens."""
     from fms.utils.generation import generate
 
-    captioner = Captioner.from_pretrained(checkpoint)
+    captioner = Captioner.from_pretrained(checkpoint, dtype="float32")
     image = random_image(40, 110, seed=2)
     expected = captioner.generate([image], PROMPT, max_new_tokens=12)[0]
     assert len(expected.token_ids) >= 8  # random weights that stop at once would prove nothing

@@ -28,12 +28,12 @@ def mixed_images(count: int = 6):
 @pytest.fixture(scope="module")
 def compiled(checkpoint):
     torch._dynamo.reset()
-    return Captioner.from_pretrained(checkpoint, max_batch_size=8, compile=True, warmup=True)
+    return Captioner.from_pretrained(checkpoint, max_batch_size=8, compile=True, warmup=True, dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def eager(checkpoint):
-    return Captioner.from_pretrained(checkpoint, max_batch_size=8)
+    return Captioner.from_pretrained(checkpoint, max_batch_size=8, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_the_tail_of_a_run_decodes_in_a_smaller_bucket(eager):
 
 
 def test_long_prompts_are_written_in_chunks_with_the_same_tokens(checkpoint, eager):
-    chunked = Captioner.from_pretrained(checkpoint, max_batch_size=4)
+    chunked = Captioner.from_pretrained(checkpoint, max_batch_size=4, dtype="float32")
     chunked.engine.prefill_chunk = chunked.engine.max_prefill_tokens = 40  # a 17-tile prompt takes ~8 chunks
     samples = eager.preprocess(mixed_images(), PROMPT)
     requests = [Request((s.input_ids,), s.tiles, (SamplingParams(12),)) for s in samples]
@@ -239,7 +239,7 @@ def test_background_engine_serves_concurrent_callers(eager, arrivals):
 def test_a_video_sized_request_and_small_images_decode_together(checkpoint, eager):
     """One request with 64 tiles (a 64-frame clip's worth) among 5-tile ones: the vision tower takes them in calls
     of bounded size, and every request gets the tokens it gets alone."""
-    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=4)
+    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=4, dtype="float32")
     captioner.engine.max_vision_tiles = 40
     small = eager.preprocess(mixed_images(3), PROMPT)
     ids = eager.preprocessor.prompt_ids(PROMPT, 0, 0).tolist()  # one unsplit tile

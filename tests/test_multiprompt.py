@@ -24,7 +24,7 @@ def images():
 @pytest.fixture(scope="module")
 def alone(checkpoint, images):
     """What each prompt gives asked alone, per image."""
-    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=8)
+    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=8, dtype="float32")
     return [[r.token_ids for r in captioner.generate(images, prompt, max_new_tokens=limit)]
             for prompt, limit in zip(PROMPTS, (6, 20, 12))]
 
@@ -32,7 +32,7 @@ def alone(checkpoint, images):
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_several_prompts_give_each_prompts_own_tokens(checkpoint, images, alone, compile):
     torch._dynamo.reset()
-    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=8, compile=compile)
+    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=8, compile=compile, warmup=compile, dtype="float32")
     before = captioner.engine.stats()
     results = captioner.generate(images, prompts=PROMPTS, max_new_tokens=[6, 20, 12])
     assert [[r.token_ids for r in per_image] for per_image in results[:-1]] == [list(t) for t in zip(*alone)][:-1]
@@ -51,7 +51,7 @@ def test_several_prompts_give_each_prompts_own_tokens(checkpoint, images, alone,
 
 
 def test_per_prompt_limits_and_the_single_prompt_form(checkpoint):
-    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=4)
+    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=4, dtype="float32")
     image = random_image(90, 60, seed=1)
     results = captioner.generate([image], prompts=PROMPTS, max_new_tokens=[1, 3, 5], ignore_eos=True)[0]
     assert [r.num_generated_tokens for r in results] == [1, 3, 5]
@@ -62,6 +62,6 @@ def test_per_prompt_limits_and_the_single_prompt_form(checkpoint):
 
 
 def test_a_request_with_more_prompts_than_slots_is_refused(checkpoint):
-    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=2)
+    captioner = Captioner.from_pretrained(checkpoint, max_batch_size=2, dtype="float32")
     with pytest.raises(ValueError, match="a request of 3 prompts needs as many slots; the engine has 2"):
         captioner.generate([random_image(40, 40)], prompts=PROMPTS)

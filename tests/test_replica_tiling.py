@@ -102,8 +102,8 @@ def test_resize_on_is_checked(checkpoint):
 def test_captions_are_the_same_wherever_images_are_resized(checkpoint):
     """The engine takes tiles and source images in one batch: captions with replica resizing equal the CPU path's."""
     images = [random_image(w, h, seed=i) for i, (w, h) in enumerate([(60, 45), (400, 300), (20, 90), (128, 128)])]
-    on_cpu = Captioner.from_pretrained(checkpoint, max_batch_size=4, resize_on="cpu")
-    on_replica = Captioner.from_pretrained(checkpoint, max_batch_size=4, resize_on="replica")
+    on_cpu = Captioner.from_pretrained(checkpoint, max_batch_size=4, resize_on="cpu", dtype="float32")
+    on_replica = Captioner.from_pretrained(checkpoint, max_batch_size=4, resize_on="replica", dtype="float32")
     samples = on_replica.preprocess(images, "Describe this image.")
     assert {type(s.tiles) for s in samples} == {SourceImage, np.ndarray}  # both forms in one batch
     expected = on_cpu.generate(images, max_new_tokens=12)

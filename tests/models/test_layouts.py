@@ -85,7 +85,7 @@ def test_every_layout_loads_and_gives_hf_tokens(layout_checkpoint, architecture,
     assert config.video == (video if architecture == "SmolVLMForConditionalGeneration" else None)
 
     images = [random_image(90, 60, seed=1), random_image(40, 110, seed=2)]
-    captioner = Captioner.from_pretrained(path, max_batch_size=2)
+    captioner = Captioner.from_pretrained(path, max_batch_size=2, dtype="float32")
     results = captioner.generate(images, PROMPT, max_new_tokens=12)
     expected = hf_greedy(path, images, [PROMPT] * 2, 12, set(captioner.engine.stop_ids))
     assert [r.token_ids for r in results] == expected
