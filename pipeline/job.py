@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import fsspec
+
 import fms_smolvlm
 from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint
 from fms_smolvlm.errors import one_line
@@ -105,7 +107,8 @@ def _run_holding_lease(config, out_fs, root, shards, resources, fingerprint, pre
     retries.call(f"write {out_fs.unstrip_protocol(job_file)}", lambda: write_json(out_fs, job_file, fingerprint))
     schema = output_schema([prompt.columns for prompt in config.prompts], video)
     committer = ShardCommitter(out_fs, root, before_commit=lease.check, schema=schema, retries=retries)
-    read_retries = ReadRetries.start() if pending else None
+    # local disk fails for good, never for a while: only a remote input's reads retry, and have retries to count
+    read_retries = ReadRetries.start() if pending and fsspec.utils.get_protocol(config.input) != "file" else None
     failure = None
     if pending:
         logger.info("%d shards pending, %d already done; %s", len(pending), len(done), resources)
