@@ -34,6 +34,7 @@ client's request timeouts.)
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -286,7 +287,9 @@ class OutputLease:
         self._heartbeat.join()
         try:
             self.check()
-            self.retries.call(f"release the lease on {self.url}", self._write_release, self._policy_until_unsafe())
+            # no longer than any other call: the next run can take the lease over once it expires
+            policy = self._policy_while_safe(self.retries.policy.budget_s)
+            self.retries.call(f"release the lease on {self.url}", self._write_release, policy)
         except LeaseLostError as error:
             logger.warning("not releasing the lease: %s", error)
         except Exception as error:  # the run's work is done either way; only the next run may have to wait
@@ -363,9 +366,10 @@ class OutputLease:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                # retried for as long as commits may go on; past that, the lease is as good as lost
+                # retried for as long as commits may go on, however long the store is away; past that, the lease is as
+                # good as lost
                 what = f"renew the lease on {self.url}"
-                self.retries.call(what, self._renew, self._policy_until_unsafe(), self._stop)
+                self.retries.call(what, self._renew, self._policy_while_safe(), self._stop)
             except LeaseLostError as error:  # taken over
                 self._lose(str(error))
                 return
@@ -407,11 +411,14 @@ class OutputLease:
         """Until when a write may start: one heartbeat interval before the lease could expire."""
         return self._expires_at - self.heartbeat_s
 
-    def _policy_until_unsafe(self) -> RetryPolicy:
-        """The store retry policy, its budget cut to the time in which a write into the output may still start."""
+    def _policy_while_safe(self, budget_s: float = math.inf) -> RetryPolicy:
+        """The store retry policy for a write of this run's lease record: retried for as long as a write into the
+        output may still start, and at most ``budget_s``."""
         policy = self.retries.policy
         safe_s = max(0.0, self._safe_until() - time.time())
-        return replace(policy, budget_s=min(policy.budget_s, safe_s), limit="while the lease lasts")
+        if budget_s < safe_s:
+            return replace(policy, budget_s=budget_s)
+        return replace(policy, budget_s=safe_s, limit="while the lease lasts")
 
     def _expiring_reason(self) -> str:
         reason = (
