@@ -14,7 +14,12 @@ Two workloads (random weights; inputs are preprocessed once up front, timings co
   connector's weights over every tile, the text layers' weights over every prompt token).
 
     python benchmarks/generate.py --device cpu                                   # cpu-mid config, batch 8 and 1
+    python benchmarks/generate.py --config 256m --batch-sizes 8 --longest-edge 512 --workloads fixed   # 1 tile
+    python benchmarks/generate.py --config 256m --batch-sizes 8 --longest-edge 2048 --dtype bfloat16  # 13 tiles
     python benchmarks/generate.py --device cuda --config 256m --batch-sizes 32 128 --images 256
+
+The vision tower is timed on its own too (ms per tile: HF, the engine eager and compiled), beside its floor measured
+in the same run in the same dtype: a bare loop of its matmuls over the same tiles.
 
 Greedy tokens are compared with HF's on the fixed workload (they must be identical).
 """
@@ -37,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fms_smolvlm import Captioner  # noqa: E402
 from fms_smolvlm.generation import Request, SamplingParams  # noqa: E402
-from fms_smolvlm.testing import write_random_checkpoint  # noqa: E402
+from fms_smolvlm.testing import PUBLISHED_LONGEST_EDGE, published_config, write_random_checkpoint  # noqa: E402
 from pipeline.testing import synthetic_image  # noqa: E402
 
 PROMPT = "Describe this image."
@@ -51,20 +56,7 @@ CONFIGS = {
         scale_factor=2,
     ),
 }
-# the published shapes (random weights), from the registered FMS variants, and their processors' longest edge
-PUBLISHED = {"256m": 2048, "500m": 2048, "2.2b": 1536}
 SIZES = [(640, 480), (480, 640), (800, 600), (1024, 512), (500, 500), (1200, 800), (300, 900), (960, 720)]
-
-
-def published_config(variant: str) -> dict:
-    """write_random_checkpoint's arguments for a published shape: the variant's config handed back to HF."""
-    from fms.models import get_model
-
-    from fms_smolvlm.hf_api import fms_to_hf_config
-
-    hf = fms_to_hf_config(get_model("smolvlm", variant, device_type="meta").config)
-    return dict(vision_config=hf.vision_config.to_dict(), text_config=hf.text_config.to_dict(),
-                scale_factor=hf.scale_factor, longest_edge=PUBLISHED[variant])
 
 
 def mixed_lengths(count: int, seed: int = 0) -> list[int]:
@@ -96,12 +88,14 @@ class Runner:
     run: callable  # (limits) -> list of token lists
 
 
-def hf_runner(path: Path, images, batch_size: int, device: torch.device, dtype: torch.dtype) -> Runner:
+def hf_runner(path: Path, images, batch_size: int, device: torch.device, dtype: torch.dtype, longest_edge=None) -> Runner:
     """HF generate in batches; each batch decodes until its longest row is done (rows are cut afterwards)."""
-    from transformers import AutoModelForImageTextToText, Idefics3Processor
+    from transformers import Idefics3Processor
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model = hf_model(path, device, dtype)
     processor = Idefics3Processor.from_pretrained(path)
+    if longest_edge:
+        processor.image_processor.size = {"longest_edge": longest_edge}
     processor.tokenizer.padding_side = "left"
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], add_generation_prompt=True
@@ -127,9 +121,16 @@ def hf_runner(path: Path, images, batch_size: int, device: torch.device, dtype: 
     return Runner("HF generate (eager, sdpa)", run)
 
 
-def engine_runners(path: Path, images, batch_size: int, device: torch.device, dtype: torch.dtype, compile: bool):
-    captioner = Captioner.from_pretrained(path, device=device.type, dtype=dtype, compile=compile,
-                                          max_batch_size=batch_size)
+def hf_model(path: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
+
+def engine_runners(path: Path, images, batch_size: int, device: torch.device, dtype: torch.dtype, compile: bool,
+                   longest_edge=None):
+    captioner = Captioner.from_pretrained(path, device=device.type, dtype=dtype, compile=compile, warmup=compile,
+                                          max_batch_size=batch_size, image_longest_edge=longest_edge)
     samples = captioner.preprocess(images, PROMPT)
 
     def requests(limits):
@@ -200,52 +201,120 @@ def prefill_floor(captioner: Captioner, samples, device: torch.device) -> float:
         return timed(run, device, repeats=3)
 
 
+def vision_floor(model, tiles: int) -> float:
+    """Seconds for the vision tower's and connector's matmuls alone over ``tiles`` tiles, in the model's dtype (every
+    linear weight over every patch, as one call per weight): attention, norms and activations are left out."""
+    vision = model.config.vision_config
+    patches = tiles * (vision.image_size // vision.patch_size) ** 2
+    work = [(m.weight, patches) for m in model.vision_tower.modules() if isinstance(m, torch.nn.Linear)]
+    work += [(model.connector.proj.weight, patches // model.config.scale_factor**2)]
+    inputs = [torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device) for weight, rows in work]
+
+    def run():
+        for (weight, _), x in zip(work, inputs):
+            F.linear(x, weight)
+
+    with torch.no_grad():
+        run()
+        return timed(run, weight.device, repeats=3)
+
+
+def vision(path: Path, captioners: list, dtype: torch.dtype, device: torch.device, tiles: int, repeats: int) -> None:
+    """The vision tower (and connector) alone over ``tiles`` 512-px tiles: ms per tile for HF, the engine eager and
+    compiled, beside the matmul floor in this dtype."""
+    model = hf_model(path, device, dtype)
+    side = model.config.vision_config.image_size
+    pixels = torch.randint(0, 256, (tiles, 3, side, side), dtype=torch.uint8, device=device)
+    normalised = ((pixels.float() / 255 - 0.5) / 0.5).to(dtype)
+    mask = torch.ones(tiles, side, side, dtype=torch.bool, device=device)
+
+    def hf():
+        model.model.get_image_features(normalised[None], pixel_attention_mask=mask[None])
+
+    rows = [("HF (eager, sdpa)", hf)]
+    for captioner in captioners:
+        label = "engine, compiled" if captioner.engine.compiled is not None else "engine, eager"
+        rows.append((label, lambda c=captioner: c.engine._vision(c.model, pixels)))
+    floor = vision_floor(captioners[0].model, tiles)
+    print(f"vision tower + connector over {tiles} tiles, {dtype}: ms per tile (median of {repeats}); matmul floor "
+          f"{1e3 * floor / tiles:.1f} ms per tile")
+    with torch.no_grad():
+        for name, fn in rows:
+            fn()
+            seconds = timed(fn, device, repeats)
+            print(f"{name:30s}{1e3 * seconds / tiles:10.1f} ms{seconds / floor:8.2f}x floor")
+    del model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--config", choices=sorted(CONFIGS) + sorted(PUBLISHED), default=None, help="default: cpu-mid on cpu, 256m on cuda")
+    parser.add_argument("--config", choices=sorted(CONFIGS) + sorted(PUBLISHED_LONGEST_EDGE), default=None, help="default: cpu-mid on cpu, 256m on cuda")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
+                        help="each runs HF and the engine; ratios and tokens against HF in the first (default: "
+                             "bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--longest-edge", type=int, default=None,
+                        help="the processor's longest edge (256m: 512 gives 1 tile per image, 2048 13), on both sides; "
+                             "then every image is 640x480")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
     parser.add_argument("--images", type=int, default=None, help="default: 2 batches of the largest batch size")
     parser.add_argument("--new-tokens", type=int, default=48, help="the fixed workload's tokens per image")
-    parser.add_argument("--workloads", nargs="+", choices=["fixed", "mixed"], default=["fixed", "mixed"])
+    parser.add_argument("--workloads", nargs="+", choices=["fixed", "mixed", "vision"], default=["fixed", "mixed", "vision"])
+    parser.add_argument("--vision-tiles", type=int, default=8, help="tiles per vision tower call in the vision section")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "eager"])
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = [getattr(torch, d) for d in args.dtypes or (["bfloat16"] if device.type == "cuda" else ["float32"])]
     config_name = args.config or ("256m" if device.type == "cuda" else "cpu-mid")
     config = CONFIGS[config_name] if config_name in CONFIGS else published_config(config_name)
     n_images = args.images or 2 * max(args.batch_sizes)
-    images = [synthetic_image(*SIZES[i % len(SIZES)], seed=i) for i in range(n_images)]
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    sizes = [(640, 480)] if args.longest_edge else SIZES
+    images = [synthetic_image(*sizes[i % len(sizes)], seed=i) for i in range(n_images)]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_random_checkpoint(Path(tmp) / config_name, dtype=dtype, **config)
+        path = write_random_checkpoint(Path(tmp) / config_name, **config)  # fp32 weights; each side casts
         for batch_size in args.batch_sizes:
-            print(f"\n== {config_name} config, {dtype}, {where}; {n_images} images, batch {batch_size}")
-            runners = [] if "hf" in args.skip else [hf_runner(path, images, batch_size, device, dtype)]
-            for compile in ([True] if "eager" in args.skip else [False, True]):
-                static, continuous, captioner, samples = engine_runners(path, images, batch_size, device, dtype,
-                                                                        compile)
-                runners += [static, continuous]
+            runners, floors = [], {}
+            for dtype in dtypes:
+                tag = "" if len(dtypes) == 1 else f" {str(dtype).removeprefix('torch.')}"
+                if "hf" not in args.skip:
+                    runners.append(hf_runner(path, images, batch_size, device, dtype, args.longest_edge))
+                    runners[-1].name += tag
+                captioners = []
+                for compile in ([True] if "eager" in args.skip else [False, True]):
+                    static, continuous, captioner, samples = engine_runners(path, images, batch_size, device, dtype,
+                                                                            compile, args.longest_edge)
+                    static.name += tag
+                    continuous.name += tag
+                    runners += [static, continuous]
+                    captioners.append(captioner)
+                tiles = sum(s.num_tiles for s in samples) / len(samples)
+                print(f"\n== {config_name} config, {dtype}, {where}; {n_images} images ({tiles:.1f} tiles each), "
+                      f"batch {batch_size}")
+                floors[dtype] = (decode_floor(captioner, batch_size, 384, device), prefill_floor(captioner, samples, device))
+                if "vision" in args.workloads:
+                    vision(path, captioners, dtype, device, args.vision_tiles, args.repeats)
             if "fixed" in args.workloads:
-                fixed(runners, captioner, args, batch_size, n_images, device)
+                fixed(runners, floors, args, batch_size, n_images, device)
             if "mixed" in args.workloads:
-                mixed(runners, args, n_images, device, prefill_floor(captioner, samples, device))
+                mixed(runners, floors, args, n_images, device)
 
 
-def fixed(runners, captioner, args, batch_size: int, n_images: int, device: torch.device) -> None:
-    """Exactly --new-tokens per image: images/s, the decode step time, and its floor."""
+def fixed(runners, floors: dict, args, batch_size: int, n_images: int, device: torch.device) -> None:
+    """Exactly --new-tokens per image: images/s, the decode step time, and its floor (per dtype)."""
     batches = -(-n_images // batch_size)
-    print(f"fixed: {args.new_tokens} new tokens per image (stop tokens ignored), median of {args.repeats}")
-    print(f"{'':30s}{'images/s':>10s}{'vs HF':>8s}{'step ms':>9s}{'floor ms':>10s}{'same tokens':>13s}")
+    decode = ", ".join(f"{str(d).removeprefix('torch.')} {1e3 * f[0]:.1f} ms" for d, f in floors.items())
+    print(f"fixed: {args.new_tokens} new tokens per image (stop tokens ignored), median of {args.repeats}; "
+          f"decode step floor: {decode}")
+    print(f"{'':38s}{'images/s':>10s}{'vs HF':>8s}{'step ms':>9s}{'same tokens':>13s}")
     reference, hf_rate = None, None
-    floor = decode_floor(captioner, batch_size, 384, device)
-    for runner in (r for r in runners if not r.name.endswith("static")):
+    for runner in (r for r in runners if "static" not in r.name):
         limits = [args.new_tokens] * n_images
-        tokens = runner.run(limits)  # warm-up (compiles every shape used)
+        tokens = runner.run(limits)  # warm-up (an eager run's first call allocates)
         runner.run([1] * n_images)
         total = timed(lambda: runner.run(limits), device, args.repeats)
         first_token = timed(lambda: runner.run([1] * n_images), device, args.repeats)
@@ -254,15 +323,16 @@ def fixed(runners, captioner, args, batch_size: int, n_images: int, device: torc
         rate = n_images / total
         hf_rate = hf_rate or rate
         same = sum(a == b for a, b in zip(tokens, reference))
-        print(f"{runner.name:30s}{rate:10.2f}{rate / hf_rate:7.2f}x{step_ms:9.1f}{floor * 1e3:10.1f}{f'{same}/{n_images}':>13s}")
+        print(f"{runner.name:38s}{rate:10.2f}{rate / hf_rate:7.2f}x{step_ms:9.1f}{f'{same}/{n_images}':>13s}")
 
 
-def mixed(runners, args, n_images: int, device: torch.device, floor: float) -> None:
+def mixed(runners, floors: dict, args, n_images: int, device: torch.device) -> None:
     """Caption lengths of real captions: images/s, and the time split into prefill and decode."""
     limits = mixed_lengths(n_images)
+    prefill_floors = ", ".join(f"{str(d).removeprefix('torch.')} {f[1]:.2f} s" for d, f in floors.items())
     print(f"mixed: caption lengths {min(limits)}..{max(limits)} tokens, median {int(np.median(limits))}, "
-          f"{sum(limits)} in all; median of {args.repeats}; prefill's matmul floor {floor:.2f} s")
-    print(f"{'':30s}{'images/s':>10s}{'tokens/s':>10s}{'vs HF':>8s}{'prefill s':>11s}{'decode s':>10s}")
+          f"{sum(limits)} in all; median of {args.repeats}; prefill's matmul floor: {prefill_floors}")
+    print(f"{'':38s}{'images/s':>10s}{'tokens/s':>10s}{'vs HF':>8s}{'prefill s':>11s}{'decode s':>10s}")
     hf_rate = None
     for runner in runners:
         runner.run(limits)  # warm-up
@@ -270,7 +340,7 @@ def mixed(runners, args, n_images: int, device: torch.device, floor: float) -> N
         prefill = timed(lambda: runner.run([1] * n_images), device, args.repeats)
         rate = n_images / total
         hf_rate = hf_rate or rate
-        print(f"{runner.name:30s}{rate:10.2f}{sum(limits) / total:10.1f}{rate / hf_rate:7.2f}x"
+        print(f"{runner.name:38s}{rate:10.2f}{sum(limits) / total:10.1f}{rate / hf_rate:7.2f}x"
               f"{prefill:11.2f}{total - prefill:10.2f}")
 
 

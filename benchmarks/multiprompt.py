@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fms_smolvlm import Captioner  # noqa: E402
-from fms_smolvlm.testing import write_random_checkpoint  # noqa: E402
-from generate import CONFIGS, PUBLISHED, SIZES, published_config  # noqa: E402
+from fms_smolvlm.testing import PUBLISHED_LONGEST_EDGE, published_config, write_random_checkpoint  # noqa: E402
+from generate import CONFIGS, SIZES  # noqa: E402
 from pipeline.testing import encode, synthetic_image  # noqa: E402
 
 PROMPTS = {  # name: (instruction, tokens it generates)
@@ -51,7 +51,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--config", choices=sorted(CONFIGS) + sorted(PUBLISHED), default=None)
+    parser.add_argument("--config", choices=sorted(CONFIGS) + sorted(PUBLISHED_LONGEST_EDGE), default=None)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch; the engine has 3x as many slots")
     parser.add_argument("--repeats", type=int, default=3)

@@ -84,7 +84,8 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.generate import CONFIGS, published_config
+    from benchmarks.generate import CONFIGS
+    from fms_smolvlm.testing import published_config
     from fms_smolvlm.testing import write_random_checkpoint
     from pipeline.artifacts import pack, unpack
 

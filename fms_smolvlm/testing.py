@@ -68,6 +68,22 @@ DEFAULT_TEXT = dict(
 )
 
 
+# the published shapes (HuggingFaceTB/SmolVLM-256M/500M-Instruct, SmolVLM-Instruct) and their processors' longest edge
+PUBLISHED_LONGEST_EDGE = {"256m": 2048, "500m": 2048, "2.2b": 1536}
+
+
+def published_config(variant: str) -> dict:
+    """:func:`write_random_checkpoint`'s arguments for a published shape (``"256m"``, ``"500m"``, ``"2.2b"``): the
+    registered FMS variant's config handed back to HF, with random weights the size of the real ones."""
+    from fms.models import get_model
+
+    from fms_smolvlm.hf_api import fms_to_hf_config
+
+    hf = fms_to_hf_config(get_model("smolvlm", variant, device_type="meta").config)
+    return dict(vision_config=hf.vision_config.to_dict(), text_config=hf.text_config.to_dict(),
+                scale_factor=hf.scale_factor, longest_edge=PUBLISHED_LONGEST_EDGE[variant])
+
+
 def train_tokenizer(vocab_size: int = 400):
     """A SmolLM2-style byte-level BPE tokenizer (no BOS added; the chat template supplies ``<|im_start|>``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
