@@ -1,14 +1,19 @@
-"""CPU preprocessing: fms_smolvlm.processing vs HF's image processor (PIL backend), one core, same images.
+"""The CPU stage: HF's image processor (PIL backend) vs fms_smolvlm.processing resizing on the CPU, and resizing on
+the replica, one core, same images.
 
-Both start from encoded bytes (what the pipeline reads from a shard) and end with what each ships to the model
-stage: our uint8 tiles (+ token ids) vs HF's float32 pixel_values + int64 pixel_attention_mask.
+Each starts from encoded bytes (what the pipeline reads from a shard) and ends with what it ships to the model stage:
+HF's float32 pixel_values + int64 pixel_attention_mask; our uint8 tiles; or, resizing on the replica, the decoded image
+and its tile plan whenever that is fewer bytes than its tiles (the replica then resizes and tiles it, byte for byte
+the same: timed per device by ``make gpu-check``).
 
-    python benchmarks/preprocess.py                       # 48 JPEG/PNG images from 640x480 to 4000x3000
-    python benchmarks/preprocess.py --images 96 --longest-edge 2048 --tile 512
+    python benchmarks/preprocess.py                       # the photo mix (640x480 to 4000x3000) and the web mix
+    python benchmarks/preprocess.py --mixes web --images 200
     python benchmarks/preprocess.py --video                # a 30 s 720p clip at SmolVLM2's sampling
 
-Prints images/s per core, bytes per image, and the ratios. ``--video``: seconds for one clip, seeking to the
-sampled frames vs decoding every frame (what HF's video loaders do), both then tiled.
+Mixes: ``photo``: JPEG q90 and PNG photos from 640x480 to 4000x3000; ``web``: JPEG, PNG and WebP with edges of 200 to
+1000 px, as image-text crawls store them. Prints images/s per core, MB shipped per image, and the ratios.
+``--video``: seconds for one clip, seeking to the sampled frames vs decoding every frame (what HF's video loaders
+do), both then tiled.
 """
 
 import argparse
@@ -25,7 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core, as one Ray preprocess
 
 from PIL import Image  # noqa: E402
 
-from fms_smolvlm.processing import ImageSettings, decode_image, tile_image  # noqa: E402
+from fms_smolvlm.processing import ImageSettings, decode_image, image_tiles  # noqa: E402
 from pipeline.testing import synthetic_image  # noqa: E402
 
 PHOTO_SIZES = [(640, 480), (1024, 768), (1280, 960), (1920, 1080), (2048, 1536), (3000, 2000), (4000, 3000), (1080, 1920)]
@@ -38,25 +43,43 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
 
-def encoded_images(count: int) -> list[bytes]:
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def photo_mix(count: int) -> list[bytes]:
     images = []
     for i in range(count):
-        width, height = PHOTO_SIZES[i % len(PHOTO_SIZES)]
-        buffer = io.BytesIO()
-        if i % 4 == 3:
-            photo_like(width, height, i).save(buffer, "PNG", compress_level=6)
-        else:
-            photo_like(width, height, i).save(buffer, "JPEG", quality=90)
-        images.append(buffer.getvalue())
+        image = photo_like(*PHOTO_SIZES[i % len(PHOTO_SIZES)], i)
+        images.append(encoded(image, "PNG", compress_level=6) if i % 4 == 3 else encoded(image, "JPEG", quality=90))
     return images
 
 
-def run_ours(images: list[bytes], settings: ImageSettings) -> tuple[float, float]:
+def web_mix(count: int) -> list[bytes]:
+    """Edges of 200 to 1000 px at common aspect ratios; JPEG q85 (most), PNG and WebP (a quarter each)."""
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(count):
+        long_edge = int(rng.integers(200, 1001))
+        aspect = float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9, 2 / 3, 3 / 4]))
+        size = (long_edge, round(long_edge / aspect)) if aspect >= 1 else (round(long_edge * aspect), long_edge)
+        image = photo_like(*size, 1000 + i)
+        fmt = ["JPEG", "JPEG", "PNG", "WEBP"][i % 4]
+        images.append(encoded(image, fmt, **({"quality": 85} if fmt != "PNG" else {})))
+    return images
+
+
+MIXES = {"photo": photo_mix, "web": web_mix}
+
+
+def run_ours(images: list[bytes], settings: ImageSettings, resize_on: str) -> tuple[float, float]:
     started = time.perf_counter()
     shipped = 0
     for data in images:
-        processed = tile_image(decode_image(data), settings)
-        shipped += processed.tiles.nbytes
+        tiles, _ = image_tiles(decode_image(data), settings, resize_on)
+        shipped += tiles.nbytes
     return time.perf_counter() - started, shipped / len(images)
 
 
@@ -113,7 +136,8 @@ def video(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--video", action="store_true", help="time a 30 s 720p clip instead of images")
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--mixes", nargs="+", choices=sorted(MIXES), default=["photo", "web"])
+    parser.add_argument("--images", type=int, default=48, help="per mix")
     parser.add_argument("--longest-edge", type=int, default=2048, help="SmolVLM-256M/500M: 2048")
     parser.add_argument("--tile", type=int, default=512, help="SmolVLM-256M/500M: 512")
     parser.add_argument("--repeats", type=int, default=2, help="best of N passes")
@@ -121,19 +145,25 @@ def main() -> None:
     if args.video:
         return video(args)
 
-    images = encoded_images(args.images)
     settings = ImageSettings(longest_edge=args.longest_edge, tile_size=args.tile, splitting=True)
-    run_ours(images[:2], settings), run_hf(images[:2], args.longest_edge, args.tile)  # warm imports and caches
-    ours = min((run_ours(images, settings) for _ in range(args.repeats)), key=lambda r: r[0])
-    hf = min((run_hf(images, args.longest_edge, args.tile) for _ in range(args.repeats)), key=lambda r: r[0])
-
-    mean_mb = sum(map(len, images)) / len(images) / 1e6
-    print(f"{len(images)} images (JPEG q90 and PNG, 640x480 to 4000x3000, {mean_mb:.2f} MB encoded on average), "
-          f"longest_edge={args.longest_edge}, tile={args.tile}, one core")
-    print(f"{'':24s}{'images/s/core':>14s}{'MB/image shipped':>18s}")
-    for name, (seconds, shipped) in (("HF Idefics3 (PIL)", hf), ("fms_smolvlm.processing", ours)):
-        print(f"{name:24s}{len(images) / seconds:14.2f}{shipped / 1e6:18.2f}")
-    print(f"speed-up {hf[0] / ours[0]:.2f}x, {hf[1] / ours[1]:.1f}x fewer bytes per image")
+    runs = {
+        "HF Idefics3 (PIL)": lambda images: run_hf(images, args.longest_edge, args.tile),
+        "ours, resize on the CPU": lambda images: run_ours(images, settings, "cpu"),
+        "ours, resize on the replica": lambda images: run_ours(images, settings, "replica"),
+    }
+    for mix in args.mixes:
+        images = MIXES[mix](args.images)
+        for run in runs.values():
+            run(images[:2])  # warm imports and caches
+        results = {name: min((run(images) for _ in range(args.repeats)), key=lambda r: r[0]) for name, run in runs.items()}
+        mean_mb = sum(map(len, images)) / len(images) / 1e6
+        print(f"\n{mix} mix: {len(images)} images ({mean_mb:.2f} MB encoded on average), longest_edge={args.longest_edge}, "
+              f"tile={args.tile}, one core, best of {args.repeats}")
+        print(f"{'':30s}{'images/s/core':>14s}{'vs HF':>8s}{'vs CPU path':>13s}{'MB/image shipped':>18s}")
+        hf, cpu = results["HF Idefics3 (PIL)"], results["ours, resize on the CPU"]
+        for name, (seconds, shipped) in results.items():
+            print(f"{name:30s}{len(images) / seconds:14.2f}{hf[0] / seconds:7.2f}x{cpu[0] / seconds:12.2f}x"
+                  f"{shipped / 1e6:18.2f}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ KERNELS_DIR = "inductor"  # the Inductor cache the graphs were compiled into: th
 MANIFEST = "manifest.json"
 ARTIFACT_FORMAT = 1
 SOURCE_DIR = Path(__file__).resolve().parent
+TRACED_SOURCES = ("generation.py", "smolvlm.py", "compiled.py")
 
 
 def default_compile_cache() -> Path:
@@ -59,10 +60,11 @@ def device_kind(device: torch.device) -> str:
 
 
 def source_digest() -> str:
-    """This package's code: the traced functions live in it, and a changed one must not load old graphs."""
+    """The code the graphs were traced from and compiled by (the engine's steps, the model, this module): a changed
+    file must not load old graphs. (FMS's modules are pinned by its version in the key.)"""
     digest = hashlib.sha256()
-    for path in sorted(SOURCE_DIR.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for name in TRACED_SOURCES:
+        digest.update(name.encode() + (SOURCE_DIR / name).read_bytes())
     return digest.hexdigest()[:16]
 
 

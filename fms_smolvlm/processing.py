@@ -253,6 +253,15 @@ def tiles_nbytes(plan: TilePlan) -> int:
     return plan.num_tiles * 3 * plan.tile * plan.tile
 
 
+def image_tiles(image: Image.Image, settings: ImageSettings, resize_on: str) -> tuple[Union[np.ndarray, SourceImage], TilePlan]:
+    """An upright RGB image's uint8 tiles, or (``resize_on="replica"``) the image itself and its plan when that is
+    fewer bytes than its tiles (an image smaller than its tiles: most web images, which the processor upscales)."""
+    plan = plan_tiles(*image.size, settings)
+    if resize_on == "replica" and image.width * image.height * 3 < tiles_nbytes(plan):
+        return SourceImage(np.asarray(image), plan), plan
+    return tile_image(image, settings).tiles, plan
+
+
 def tiles_from_sources(sources: Sequence[SourceImage], device: torch.device) -> list[torch.Tensor]:
     """Each source image's uint8 tiles ``(tiles, 3, M, M)`` on ``device``, byte for byte :func:`tile_image`'s:
     Pillow's LANCZOS replayed in integer torch ops (:mod:`fms_smolvlm.resample`). Images of one source size and
@@ -416,20 +425,13 @@ class SmolVLMPreprocessor:
                 return ProcessedSample(tuple(self.prompt_ids(prompt) for prompt in prompts), None)
             if isinstance(media, (bytes, bytearray, memoryview)) and is_video(media):
                 return self._process_video(bytes(media), prompts)
-            tiles, plan = self._image_tiles(decode_image(media, self.settings.max_pixels))
+            tiles, plan = image_tiles(decode_image(media, self.settings.max_pixels), self.settings, self.resize_on)
         except (ImageError, VideoError) as error:
             return ProcessedSample((), None, error=str(error))
         except Exception as error:  # PIL and FFmpeg fail in more ways than they document: still this sample's only
             return ProcessedSample((), None, error=f"cannot process {_media_kind(media)}: {one_line(error)}")
         ids = tuple(self.prompt_ids(prompt, plan.rows, plan.cols) for prompt in prompts)
         return ProcessedSample(ids, tiles, *plan.source)
-
-    def _image_tiles(self, image: Image.Image) -> tuple[Union[np.ndarray, SourceImage], TilePlan]:
-        """The image's uint8 tiles, or (resizing on the replica) the image itself when it is fewer bytes."""
-        plan = plan_tiles(*image.size, self.settings)
-        if self.resize_on == "replica" and image.width * image.height * 3 < tiles_nbytes(plan):
-            return SourceImage(np.asarray(image), plan), plan
-        return tile_image(image, self.settings).tiles, plan
 
     def _process_video(self, data: bytes, prompts: Sequence[str]) -> ProcessedSample:
         if self.video is None:
