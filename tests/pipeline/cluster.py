@@ -158,7 +158,9 @@ class JobProcess:
     def __init__(self, job_flags: list, env: dict | None = None, nodes: int = 1, cpus_per_node: int = 2):
         command = [sys.executable, "-m", "tests.pipeline.cluster", "--nodes", str(nodes),
                    "--cpus-per-node", str(cpus_per_node), "--", *map(str, job_flags)]
-        environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        # RAY_DEDUP_LOGS=0: Ray folds worker log lines that differ only in their numbers, and the hooks' lines are told
+        # apart by the pid they name
+        environment = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0", **(env or {})}
         environment.pop("RAY_ADDRESS", None)
         self.process = subprocess.Popen(command, cwd=REPO, env=environment, start_new_session=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -47,8 +47,9 @@ def test_two_nodes_one_replica_each_and_a_lost_node_is_ridden_out(checkpoint, tm
     A checkpoint's replica name (host:pid:device:node-ID) says where each replica ran; the test's worker hooks record
     the Ray node id of each replica's pid, hold each replica's first batch until both have one (so that the work of
     this small job reaches both however far apart they start), and hold the batches a replica gets once it has
-    committed a shard until the test opens the gate (so that the kill lands with work in the lost replica)."""
-    written = write_sample_shards(tmp_path / "input", shards=8, images_per_shard=1)
+    committed a shard until the test opens the gate (so that the kill lands with work in the lost replica: the head's
+    replica holds at most 3, the rest go to the other)."""
+    written = write_sample_shards(tmp_path / "input", shards=12, images_per_shard=1)
     output, nodes, gate = tmp_path / "output", tmp_path / "nodes", tmp_path / "gate"
     nodes.mkdir()
     gate.mkdir()
