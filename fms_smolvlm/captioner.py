@@ -1,7 +1,7 @@
 """The one-call API: load a SmolVLM checkpoint through FMS and caption batches of images."""
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -150,6 +150,7 @@ class Captioner:
         Sampling: image ``i`` draws with seed ``seed + i`` (a fresh random ``seed`` when None), reproducible
         whatever the batching. ``ignore_eos``: generate exactly ``max_new_tokens`` (for benchmarks)."""
         texts = [prompt] if prompts is None else list(prompts)
+        self._check_limits(max_new_tokens)
         samples = self.preprocess_prompts(images, texts)
         base = secrets.randbits(62) if seed is None else seed
         limits = _limits(max_new_tokens, len(samples) if prompts is None else len(texts), "images" if prompts is None else "prompts")
@@ -164,6 +165,12 @@ class Captioner:
         results = self.generate_processed(samples, [base + i for i in range(len(samples))], per_sample)
         return results if prompts is not None else [r[0] for r in results]
 
+    def _check_limits(self, max_new_tokens: Union[int, Sequence[int]]) -> None:
+        """A limit the model cannot reach even after an empty prompt is the caller's mistake, not an image's."""
+        longest = max([max_new_tokens] if isinstance(max_new_tokens, int) else max_new_tokens, default=0)
+        if longest >= self.engine.max_positions:
+            raise ValueError(f"max_new_tokens={longest} exceeds the model's {self.engine.max_positions} positions")
+
     def preprocess_prompts(self, images: Sequence[Optional[ImageInput]], prompts: Sequence[str]) -> list[ProcessedSample]:
         return [self.preprocessor.process(image, prompts) for image in images]
 
@@ -172,19 +179,28 @@ class Captioner:
     ) -> list[list[CaptionResult]]:
         """Generate for already preprocessed samples (the pipeline preprocesses on CPU workers): per sample, one
         result per prompt (``params[i]``: sample ``i``'s, one per prompt)."""
-        requests = self.requests(samples, seeds, params)
+        samples, requests = self.requests(samples, seeds, params)
         generations = iter(self.engine.generate([r for r in requests if r is not None]))
         return [self.results(sample, None if r is None else next(generations), len(p)) for sample, r, p in zip(samples, requests, params)]
 
-    @staticmethod
     def requests(
-        samples: Sequence[ProcessedSample], seeds: Sequence[int], params: Sequence[Sequence[SamplingParams]]
-    ) -> list[Optional[Request]]:
-        """The engine's request for each sample; None for a sample whose image could not be used."""
-        return [
-            None if sample.error is not None else Request(sample.prompt_ids, sample.tiles, tuple(p), seed)
-            for sample, seed, p in zip(samples, seeds, params)
-        ]
+        self, samples: Sequence[ProcessedSample], seeds: Sequence[int], params: Sequence[Sequence[SamplingParams]]
+    ) -> tuple[list[ProcessedSample], list[Optional[Request]]]:
+        """The engine's request for each sample (None where there is none), and the samples, with ``error`` set on
+        those the engine cannot run: an image that could not be used, or one whose tiles make the prompt longer than
+        the model's positions (that image's problem, not its batch's)."""
+        checked, requests = [], []
+        for sample, seed, sample_params in zip(samples, seeds, params):
+            request = None
+            if sample.error is None:
+                request = Request(sample.prompt_ids, sample.tiles, tuple(sample_params), seed)
+                try:
+                    self.engine.check(request)
+                except ValueError as error:
+                    sample, request = replace(sample, error=str(error)), None
+            checked.append(sample)
+            requests.append(request)
+        return checked, requests
 
     def results(self, sample: ProcessedSample, generations: Optional[Sequence[Generation]], prompts: int) -> list[CaptionResult]:
         """A sample's captions, one per prompt, from its generations (None: the sample's error, on every prompt)."""

@@ -264,10 +264,12 @@ def _decode_variant(model, tokens, lengths, active, sampling, rows, attend_len, 
     return f"{'greedy' if sampling is None else 'sample'}-{_rows(rows)}"
 
 
-def compiled_steps(model: SmolVLM, cache: Optional[Path]) -> CompiledSteps:
+def compiled_steps(model: SmolVLM, cache: Optional[Path], slots: int) -> CompiledSteps:
     """The engine's three steps compiled ahead of time, one graph per variant: the vision tower over one tile or
     several; ``extend`` per attention mode over one row or several; the decode step greedy or sampling, over one
-    row or several (CUDA graphs on a GPU, captured per shape by the warm-up). Every other size is dynamic."""
+    row or several (CUDA graphs on a GPU, captured per shape by the warm-up). Every other size is dynamic, the
+    number of slots included, except one slot (a size of 1 is static): an engine of one slot has graphs of its own,
+    so its artifact is keyed apart."""
     options = inference_compile_options(model.device)
     decode = {"mode": "reduce-overhead"} if model.device.type == "cuda" else {"options": options}
     steps = [
@@ -275,7 +277,8 @@ def compiled_steps(model: SmolVLM, cache: Optional[Path]) -> CompiledSteps:
         CompiledStep("extend", extend, _extend_variant, dynamic=True, options=options),
         CompiledStep("decode", decode_step, _decode_variant, dynamic=True, **decode),
     ]
-    key = artifact_key(model.config, model.dtype, model.device, {"steps": options, "decode": decode})
+    limits = {"slots": "one" if slots == 1 else "several"}
+    key = artifact_key(model.config, model.dtype, model.device, {"steps": options, "decode": decode, **limits})
     return CompiledSteps(steps, key, cache)
 
 
@@ -466,7 +469,7 @@ class GenerationEngine:
         self.rope_positions = model.config.text_config.max_expected_seq_len
         self.max_positions = min(self.rope_positions, LENGTH_BUCKETS[-1]) - sync_every - 1
         self.cache: Optional[SlotCache] = None
-        self.compiled: Optional[CompiledSteps] = compiled_steps(model, compile_cache) if compile else None
+        self.compiled: Optional[CompiledSteps] = compiled_steps(model, compile_cache, max_batch_size) if compile else None
         if self.compiled is not None:
             self.compiled.load()  # graphs an earlier engine saved: seconds, against minutes to compile them
         self._vision, self._extend, self._decode = (
@@ -492,16 +495,25 @@ class GenerationEngine:
 
     # --- the public API ------------------------------------------------------------------------
 
+    def check(self, request: Request) -> None:
+        """Raises ValueError, naming why, for a request this engine cannot run (too long for the model's positions,
+        more prompts than slots, parameters that do not match its prompts)."""
+        if len(request.prompt_ids) != len(request.params) or not request.prompt_ids:
+            raise ValueError(f"a request needs one SamplingParams per prompt, got {len(request.params)} for "
+                             f"{len(request.prompt_ids)}")
+        if len(request.prompt_ids) > self.max_batch_size:  # its prompts decode side by side, one slot each
+            raise ValueError(f"a request of {len(request.prompt_ids)} prompts needs as many slots; the engine has "
+                             f"{self.max_batch_size}")
+        for ids, params in zip(request.prompt_ids, request.params):
+            if len(ids) + params.max_new_tokens > self.max_positions:
+                raise ValueError(f"a prompt of {len(ids)} tokens plus {params.max_new_tokens} new tokens exceeds the "
+                                 f"model's {self.max_positions} positions")
+
     def submit(self, request: Request) -> int:
         """Queue a request; its ticket comes back from :meth:`step` with one generation per prompt. Raises
-        ValueError (and queues nothing) for a request that cannot fit the model."""
+        ValueError (and queues nothing) for a request that cannot fit the model (:meth:`check`)."""
+        self.check(request)
         prompts = [np.asarray(ids, dtype=np.int64) for ids in request.prompt_ids]
-        if len(prompts) != len(request.params) or not prompts:
-            raise ValueError(f"a request needs one SamplingParams per prompt, got {len(request.params)} for {len(prompts)}")
-        if len(prompts) > self.max_batch_size:  # its prompts decode side by side, one slot each
-            raise ValueError(f"a request of {len(prompts)} prompts needs as many slots; the engine has {self.max_batch_size}")
-        for ids, params in zip(prompts, request.params):
-            self._check_fits(len(ids), params.max_new_tokens)
         ticket = self._next_ticket
         self._next_ticket += 1
         sequences = [
@@ -588,7 +600,7 @@ class GenerationEngine:
         ]
         scratch = cache.length - 1
         for attend in ("fresh", "rows"):
-            for rows in (1, 2):
+            for rows in [n for n in (1, 2) if n <= self.max_batch_size]:  # extend never holds more rows than slots
                 ids = torch.full((rows, PAD_MULTIPLE), self.pad_id, device=device)
                 positions = torch.full((rows, PAD_MULTIPLE), scratch, device=device)
                 attend_len = PAD_MULTIPLE if attend == "fresh" else cache_lengths[0]
@@ -618,13 +630,6 @@ class GenerationEngine:
         }
 
     # --- scheduling --------------------------------------------------------------------------
-
-    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
-        if prompt_len + max_new_tokens > self.max_positions:
-            raise ValueError(
-                f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens "
-                f"exceeds the model's {self.max_positions} positions"
-            )
 
     def _free_slots(self) -> list[int]:
         return [slot for slot, sequence in enumerate(self._slots) if sequence is None]

@@ -67,6 +67,15 @@ def checkpoint(checkpoint_factory):
     return checkpoint_factory("gqa-s2-untied")
 
 
+@pytest.fixture(scope="session")
+def compiled_captioner(checkpoint):
+    """The suite's checkpoint compiled (fp32, 8 slots) and warmed up, once: its artifact lands in the session's compile
+    cache, from which every later compiled engine of this shape loads it (the job's replicas included)."""
+    from fms_smolvlm import Captioner
+
+    return Captioner.from_pretrained(checkpoint, dtype="float32", max_batch_size=8, compile=True, warmup=True)
+
+
 def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     """A smooth random picture (noise would make LANCZOS ringing the whole signal)."""
     rng = np.random.default_rng(seed)

@@ -26,9 +26,8 @@ def mixed_images(count: int = 6):
 
 
 @pytest.fixture(scope="module")
-def compiled(checkpoint):
-    torch._dynamo.reset()
-    return Captioner.from_pretrained(checkpoint, max_batch_size=8, compile=True, warmup=True, dtype="float32")
+def compiled(compiled_captioner):
+    return compiled_captioner
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +152,14 @@ def test_long_prompts_are_written_in_chunks_with_the_same_tokens(checkpoint, eag
     assert chunked.engine.stats()["extend_calls"] >= max(len(s.input_ids) for s in samples) // 40
 
 
-def test_too_long_a_request_is_named(eager):
-    with pytest.raises(ValueError, match="plus 5000 new tokens exceeds the model's 4091 positions"):
+def test_too_long_a_request_is_named(checkpoint, eager):
+    with pytest.raises(ValueError, match="max_new_tokens=5000 exceeds the model's 4091 positions"):
         eager.generate([random_image(40, 40)], PROMPT, max_new_tokens=5000)
+    # an image whose tiles make its prompt too long (16 x 16 + 1 tiles of 16 tokens) is that image's error alone
+    large_budget = Captioner.from_pretrained(checkpoint, image_longest_edge=512, dtype="float32")
+    square, wide = large_budget.generate([random_image(100, 100), random_image(200, 25)], PROMPT, max_new_tokens=4)
+    assert square.error is not None and "exceeds the model's 4091 positions" in square.error and square.text is None
+    assert wide.error is None and wide.num_generated_tokens > 0
 
 
 def test_per_image_limits_in_captioner(eager):
