@@ -38,7 +38,7 @@ def child(args) -> None:
     from pipeline.testing import synthetic_image
 
     imported = time.perf_counter()
-    captioner = Captioner.from_pretrained(args.checkpoint, dtype=args.dtype, compile=args.compile,
+    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile,
                                           max_batch_size=args.batch_size, image_longest_edge=args.longest_edge,
                                           image_splitting=args.longest_edge is None)
     loaded = time.perf_counter()
@@ -59,7 +59,7 @@ def child(args) -> None:
 def replica(args, checkpoint: Path, cache: Path, compile: bool) -> dict:
     inductor = tempfile.mkdtemp(prefix="inductor-")  # a process of a fresh machine: nothing in Inductor's own cache
     env = dict(os.environ, FMS_SMOLVLM_COMPILE_CACHE=str(cache), TORCHINDUCTOR_CACHE_DIR=inductor)
-    command = [sys.executable, __file__, "--child", "--checkpoint", str(checkpoint), "--dtype", args.dtype,
+    command = [sys.executable, __file__, "--child", "--checkpoint", str(checkpoint), "--device", args.device, "--dtype", args.dtype,
                "--batch-size", str(args.batch_size), "--new-tokens", str(args.new_tokens)]
     command += ["--compile"] if compile else []
     command += ["--longest-edge", str(args.longest_edge)] if args.longest_edge else []
@@ -69,6 +69,7 @@ def replica(args, checkpoint: Path, cache: Path, compile: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--config", default="256m")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-size", type=int, default=8)
@@ -103,8 +104,9 @@ def main() -> None:
         unpack(packed, tmp / "machine-b" / artifact.name)
         rows += [("fresh machine, from the output", replica(args, checkpoint, tmp / "machine-b", compile=True))]
 
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPUs"
     print(f"\n== {args.config} config, {args.dtype}, batch {args.batch_size}, one {args.longest_edge}-px tile per image, "
-          f"{os.cpu_count()} CPUs; artifact {len(packed) / 1e6:.1f} MB packed")
+          f"{where}; artifact {len(packed) / 1e6:.1f} MB packed")
     print(f"{'':34s}{'ready s':>9s}{'load s':>8s}{'warm-up s':>11s}{'compiled':>10s}{'loaded':>8s}{'1st batch s':>13s}")
     for name, r in rows:
         print(f"{name:34s}{r['ready_s']:9.1f}{r['load_s']:8.1f}{r['warmup_s']:11.1f}{r['compiled'] or 0:10d}"

@@ -10,6 +10,7 @@ grows shard by shard while the job runs and a crash loses only the shards in fli
 """
 
 import io
+import json
 import logging
 import threading
 import time
@@ -92,6 +93,7 @@ class CommitStats:
     error_rows: int = 0
     generated_tokens: int = 0
     first_commit_at: Optional[float] = None  # time.time() of the first commit: the end of the start-up
+    replicas: dict = field(default_factory=dict)  # replica -> how it started (its start report, a JSON object)
 
 
 class ShardCommitter:
@@ -164,6 +166,8 @@ class ShardCommitter:
         else:
             shard.rows[row["index"]] = {name: row[name] for name in self.schema.names}
             shard.replicas.add(row["replica"])
+            if row["replica"] not in self.stats.replicas:
+                self.stats.replicas[row["replica"]] = json.loads(row["replica_start"])
         if len(shard.rows) == shard.size:
             self.closed.add(shard_id)
             self._hand_to_writer(shard_id, self.open.pop(shard_id))

@@ -127,6 +127,7 @@ class JobConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: Optional[bool] = None  # None: on for GPUs
+    resize_on: str = "auto"  # where images are resized and tiled: auto (the replicas' device, if CUDA), cpu, replica
     image_longest_edge: Optional[int] = None
     image_splitting: Optional[bool] = None
     max_image_pixels: int = 100_000_000
@@ -168,6 +169,7 @@ class PreprocessSettings:
     video_fps: Optional[float]
     video_max_frames: Optional[int]
     max_video_seconds: float
+    resize_on: str  # "cpu" or "replica": whether an image may be shipped decoded, for the replica to tile
 
     def preprocessor(self):
         return _preprocessor(self)
@@ -188,6 +190,7 @@ def _preprocessor(settings: PreprocessSettings):
         video_fps=settings.video_fps,
         video_max_frames=settings.video_max_frames,
         max_video_seconds=settings.max_video_seconds,
+        resize_on=settings.resize_on,
     )
 
 
@@ -204,3 +207,7 @@ class ReplicaSettings:
     dtype: str
     compile: bool
     cpu_threads: Optional[int]  # a CPU replica's share of its node's cores
+    # where compiled replicas share their compile artifact (OUTPUT/_compiled), and how to reach it
+    output: str
+    storage_options: dict
+    store_retry_seconds: float

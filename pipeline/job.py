@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional
 import fsspec
 
 import fms_smolvlm
+from fms_smolvlm.captioner import cpu_computes_bf16
 from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint
 from fms_smolvlm.errors import one_line
 from fms_smolvlm.processing import SmolVLMPreprocessor
@@ -47,6 +48,7 @@ class Resources:
     replicas: int
     batch_size: int
     compile: bool
+    resize_on: str
 
 
 def run_job(config: JobConfig) -> int:
@@ -82,6 +84,8 @@ def _run(config: JobConfig) -> int:
         ray.init(logging_level=logging.WARNING)
     resources = _resources(config, ray.cluster_resources())
     _check_capacity(resources, [node for node in ray.nodes() if node["Alive"]])
+    preprocess = replace(preprocess, resize_on=resources.resize_on)
+    preprocess.preprocessor()  # a processor the replicas cannot resize for (not LANCZOS) is refused here
     fingerprint = job_fingerprint(config, model_dir, preprocessor, resources.dtype)
     if config.dry_run:
         done = _check_output(out_fs, root, config.output, fingerprint, config.overwrite, True, retries)
@@ -243,13 +247,16 @@ def _resources(config: JobConfig, cluster: dict) -> Resources:
     device = config.device if config.device != "auto" else ("cuda" if gpus else "cpu")
     if device == "cuda" and not gpus:
         raise JobError("--device cuda, but the Ray cluster has no GPUs (yet: are its GPU workers up?)")
-    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    # bf16 where the replicas' device computes it natively (the driver's CPU stands for the cluster's CPU nodes)
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" or cpu_computes_bf16() else "float32")
     replicas = config.replicas or (gpus if device == "cuda" else 1)
     if device == "cuda" and replicas > gpus:
         raise JobError(f"--replicas {replicas} needs {replicas} GPUs, the Ray cluster has {gpus}")
     batch_size = config.batch_size or (32 if device == "cuda" else 8)
     compile_ = config.compile if config.compile is not None else device == "cuda"
-    return Resources(device, dtype, replicas, batch_size, compile_)
+    # a GPU replica resizes an image in well under a millisecond; a CPU replica would use the cores that preprocess
+    resize_on = config.resize_on if config.resize_on != "auto" else ("replica" if device == "cuda" else "cpu")
+    return Resources(device, dtype, replicas, batch_size, compile_, resize_on)
 
 
 def _check_capacity(resources: Resources, nodes: list) -> None:
@@ -382,6 +389,7 @@ def preprocess_settings(config: JobConfig, revision: Optional[str]) -> Preproces
         video_fps=config.video_fps,
         video_max_frames=config.video_max_frames,
         max_video_seconds=config.max_video_seconds,
+        resize_on="cpu",  # until the replicas' device is known (build_dataset's settings say where)
     )
 
 
@@ -478,6 +486,9 @@ def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources,
         dtype=resources.dtype,
         compile=resources.compile,
         cpu_threads=max(1, node_cpus // resources.replicas) if resources.device == "cpu" else None,
+        output=config.output,
+        storage_options=config.storage_options,
+        store_retry_seconds=config.store_retry_seconds,
     )
     return dataset.map_batches(
         CaptionActor,
@@ -520,6 +531,8 @@ def _summary(committer: ShardCommitter, pending, done, started: float, failure: 
         "images_per_second": round(stats.rows / wall, 3),
         "generated_tokens_per_second": round(stats.generated_tokens / wall, 2),
         "store_retries": store_retries,  # per kind: throttled, unavailable, timeout, connection
+        # each replica that captioned: seconds to load and warm up, its dtype, graphs compiled or loaded (and whence)
+        "replicas": dict(sorted(stats.replicas.items())),
         "failure": failure,
     }
 

@@ -5,8 +5,11 @@ passes through untouched, so that the commit stage learns each shard's size (or 
 """
 
 import asyncio
+import json
+import logging
 import os
 import socket
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -14,9 +17,14 @@ import pyarrow as pa
 import torch
 
 from fms_smolvlm.captioner import CaptionResult
-from fms_smolvlm.processing import ProcessedSample
+from fms_smolvlm.processing import ProcessedSample, SourceImage, TilePlan
+from pipeline.artifacts import SharedArtifacts, warm_up
 from pipeline.commit import output_schema
 from pipeline.config import PreprocessSettings, ReplicaSettings
+from pipeline.retry import RetryPolicy, StoreRetries
+from pipeline.storage import resolve
+
+logger = logging.getLogger(__name__)
 
 PREPROCESSED_SCHEMA = pa.schema(
     [
@@ -29,12 +37,16 @@ PREPROCESSED_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("num_frames", pa.int32()),  # a video's sampled frames; null for an image
         ("prompt_ids", pa.list_(pa.binary())),  # int32 token ids, one per prompt
-        ("tiles", pa.large_binary()),  # uint8 (num_tiles, 3, M, M), once for every prompt
+        # uint8 (num_tiles, 3, M, M), once for every prompt; or, with a resize plan, the image's (height, width, 3)
+        ("tiles", pa.large_binary()),
         ("num_tiles", pa.int32()),
+        # the replica resizes and tiles the image: [resized width, height, grid width, height, tile] (TilePlan)
+        ("resize_plan", pa.list_(pa.int32())),
     ]
 )
-# what the commit stage needs besides the output columns: to group rows by shard, and to report replicas
-ROUTING_COLUMNS = [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string())]
+# what the commit stage needs besides the output columns: to group rows by shard, and to report replicas (their
+# names, and how each started: a JSON object of start_report)
+ROUTING_COLUMNS = [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string()), ("replica_start", pa.string())]
 
 # Ray Data batches a replica holds at once: while one waits for its last caption, the others keep the slots full
 BATCHES_IN_FLIGHT = 3
@@ -58,8 +70,11 @@ def preprocess_batch(batch: pa.Table, settings: PreprocessSettings) -> pa.Table:
         columns["height"].append(sample.height)
         columns["num_frames"].append(sample.num_frames)
         columns["prompt_ids"].append([ids.astype(np.int32).tobytes() for ids in sample.prompt_ids] if ok else None)
-        columns["tiles"].append(sample.tiles.tobytes() if ok and sample.tiles is not None else None)
+        tiles = sample.tiles if ok else None
+        source = isinstance(tiles, SourceImage)
+        columns["tiles"].append(None if tiles is None else tiles.pixels.tobytes() if source else tiles.tobytes())
         columns["num_tiles"].append(sample.num_tiles if ok else None)
+        columns["resize_plan"].append([*tiles.plan.resized, *tiles.plan.grid, tiles.plan.tile] if source else None)
     return pa.table(columns, schema=PREPROCESSED_SCHEMA)
 
 
@@ -79,15 +94,19 @@ class CaptionActor:
             torch.set_num_threads(settings.cpu_threads)
 
         def load():  # on the engine's thread, the only one that runs the model (BackgroundEngine says why)
+            started = time.perf_counter()
             self.captioner = Captioner.from_pretrained(
                 settings.model,
                 device=settings.device,
                 dtype=settings.dtype,
                 compile=settings.compile,
                 max_batch_size=settings.slots,
-                warmup=settings.compile,
                 revision=settings.revision,
             )
+            loaded = time.perf_counter()
+            warmup = warm_up(self.captioner.engine, shared_artifacts(settings)) if settings.compile else {}
+            self.start = start_report(self.captioner, loaded - started, time.perf_counter() - loaded, warmup)
+            logger.info("replica ready in %.1f s: %s", self.start["ready_s"], self.start)
             return self.captioner.engine
 
         self.engine = BackgroundEngine(load)
@@ -97,11 +116,12 @@ class CaptionActor:
         self.schema = pa.schema(list(output_schema([p.columns for p in settings.prompts], settings.video)) + ROUTING_COLUMNS)
         self.tile_size = self.captioner.preprocessor.settings.tile_size
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{self.device}:node-{_ray_node_id()[:12]}"
+        self.start_json = json.dumps(self.start, sort_keys=True)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        samples = [self._sample(row) for row in rows]
-        requests = self.captioner.requests(samples, [0] * len(samples), [self.params] * len(samples))
+        samples, requests = self.captioner.requests([self._sample(row) for row in rows], [0] * len(rows),
+                                                    [self.params] * len(rows))
         generations = await asyncio.gather(*(self._generate(request) for request in requests))
         columns = {name: [] for name in self.schema.names}
         for row, sample, generation in zip(rows, samples, generations):
@@ -118,9 +138,17 @@ class CaptionActor:
             return None
         if request.tiles is not None and self.device.type == "cuda":
             # copied here, while the engine thread decodes, instead of by the engine when the request gets a slot
-            tiles = torch.from_numpy(request.tiles).pin_memory().to(self.device, non_blocking=True)
-            request = replace(request, tiles=tiles)
+            tiles = request.tiles
+            on_device = SourceImage(self._copy(tiles.pixels), tiles.plan) if isinstance(tiles, SourceImage) else self._copy(tiles)
+            request = replace(request, tiles=on_device)
         return await asyncio.wrap_future(self.engine.submit(request))
+
+    def _copy(self, array: np.ndarray) -> torch.Tensor:
+        """To the GPU through pinned memory, asynchronously (the array is Arrow's read-only buffer: one copy into
+        the pinned tensor, no warning)."""
+        pinned = torch.empty(array.shape, dtype=torch.uint8, pin_memory=True)
+        pinned.numpy()[...] = array
+        return pinned.to(self.device, non_blocking=True)
 
     def _append(self, columns: dict, row: dict, results: list[CaptionResult]) -> None:
         failed = results[0].error is not None
@@ -135,6 +163,7 @@ class CaptionActor:
             columns[finish_reason].append(result.finish_reason)
             columns[tokens].append(None if failed else result.num_generated_tokens)
         columns["replica"].append(self.replica)
+        columns["replica_start"].append(self.start_json)
 
     def _sample(self, row: dict) -> ProcessedSample:
         if row["key"] is None:  # a marker: nothing to generate
@@ -142,10 +171,38 @@ class CaptionActor:
         if row["error"] is not None:
             return ProcessedSample((), None, error=row["error"])
         ids = tuple(np.frombuffer(data, dtype=np.int32).astype(np.int64) for data in row["prompt_ids"])
-        tiles = None
-        if row["tiles"] is not None:
-            tiles = np.frombuffer(row["tiles"], dtype=np.uint8).reshape(row["num_tiles"], 3, self.tile_size, self.tile_size)
-        return ProcessedSample(ids, tiles, row["width"], row["height"], num_frames=row["num_frames"])
+        return ProcessedSample(ids, self._tiles(row), row["width"], row["height"], num_frames=row["num_frames"])
+
+    def _tiles(self, row: dict):
+        if row["tiles"] is None:
+            return None
+        pixels = np.frombuffer(row["tiles"], dtype=np.uint8)
+        if row["resize_plan"] is None:
+            return pixels.reshape(row["num_tiles"], 3, self.tile_size, self.tile_size)
+        resized_w, resized_h, grid_w, grid_h, tile = row["resize_plan"]
+        size = (row["width"], row["height"])
+        plan = TilePlan(size, (resized_w, resized_h), (grid_w, grid_h), tile)
+        return SourceImage(pixels.reshape(row["height"], row["width"], 3), plan)
+
+
+def shared_artifacts(settings: ReplicaSettings) -> SharedArtifacts:
+    """The job's compile artifacts in its output, reached with the job's storage options and retry policy."""
+    fs, root = resolve(settings.output, settings.storage_options)
+    return SharedArtifacts(fs, root, StoreRetries(RetryPolicy(settings.store_retry_seconds)))
+
+
+def start_report(captioner, load_s: float, warmup_s: float, warmup: dict) -> dict:
+    """How a replica started, for its log and the job's summary: seconds to load and to warm up, graphs compiled
+    and loaded, where its compiled artifact came from (``local``, ``fetched``, ``compiled``; None: eager)."""
+    return {
+        "ready_s": round(load_s + warmup_s, 2),
+        "load_s": round(load_s, 2),
+        "warmup_s": round(warmup_s, 2),
+        "dtype": str(captioner.model.dtype).removeprefix("torch."),
+        "graphs_compiled": warmup.get("graphs_compiled", 0),
+        "graphs_loaded": warmup.get("graphs_loaded", 0),
+        "artifact": warmup.get("artifact_source"),
+    }
 
 
 def _ray_node_id() -> str:

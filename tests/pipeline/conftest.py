@@ -55,8 +55,10 @@ def fail_on_shards(faults_file):
 
 
 def run_cli(model, input_url, output_url, *flags) -> int:
-    """The real CLI, in-process (it joins the session's Ray); its exit status."""
-    argv = ["--input", str(input_url), "--output", str(output_url), "--model", str(model), "--max-new-tokens", "6", *flags]
+    """The real CLI, in-process (it joins the session's Ray); its exit status. fp32 unless ``flags`` say otherwise (the
+    outputs are compared with Captioner's fp32 captions; `--dtype auto` would be bf16 on a CPU with AMX)."""
+    argv = ["--input", str(input_url), "--output", str(output_url), "--model", str(model), "--max-new-tokens", "6",
+            "--dtype", "float32", *flags]
     return caption_dataset.main(argv)
 
 

@@ -37,7 +37,7 @@ def rows_of(output) -> dict:
 @pytest.fixture(scope="module")
 def annotated(checkpoint):
     """What Captioner.generate says about each image for the three prompts at once."""
-    captioner = Captioner.from_pretrained(checkpoint)
+    captioner = Captioner.from_pretrained(checkpoint, dtype="float32")
 
     def expected(images: list) -> list:
         return captioner.generate(images, prompts=list(PROMPTS.values()), max_new_tokens=list(LIMITS.values()))
@@ -128,7 +128,7 @@ def test_clips_beside_stills(run_job, tmp_path, checkpoint_factory):
     rows = {row["key"]: row for row in rows_of(tmp_path / "output")["mixed.tar.parquet"]}
     assert sorted(rows) == ["a", "b", "c", "d", "e", "f"]
 
-    captioner = Captioner.from_pretrained(model)
+    captioner = Captioner.from_pretrained(model, dtype="float32")
     expected = captioner.generate([still, clip, webm], max_new_tokens=6)
     seq_len = captioner.preprocessor.image_seq_len
     for key, result, frames, size in zip("abc", expected, (None, 3, 2), ((60, 40), (48, 32), (32, 32))):

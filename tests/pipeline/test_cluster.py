@@ -154,7 +154,7 @@ def test_preprocessing_never_runs_in_the_replicas(ray_local, checkpoint, tmp_pat
     shards = discover_shards(fsspec.filesystem("file"), str(tmp_path / "input"), None)
     config = JobConfig(input=str(tmp_path / "input"), output=str(tmp_path / "output"), model=str(checkpoint),
                        prompts=parse_prompts(None, None, ["4"]), replicas=replicas, batch_size=2)
-    resources = Resources(device="cpu", dtype="float32", replicas=replicas, batch_size=2, compile=False)
+    resources = Resources(device="cpu", dtype="float32", replicas=replicas, batch_size=2, compile=False, resize_on="cpu")
     dataset = build_dataset(config, shards, resources, preprocess_settings(config, None), video=False)
     operators = optimized_physical_plan(dataset)
     assert [op for op in operators if "preprocess_batch" in op and "CaptionActor" in op] == [], operators

@@ -90,10 +90,10 @@ def node(cpus: int, gpus: int = 0) -> dict:
 ], ids=["all-cpus", "two-nodes", "gpus-without-cpus"])
 def test_a_run_that_could_never_start_is_refused(nodes, device, replicas, message):
     with pytest.raises(JobError) as error:
-        _check_capacity(Resources(device, "float32", replicas, 8, False), nodes)
+        _check_capacity(Resources(device, "float32", replicas, 8, False, "cpu"), nodes)
     assert message in str(error.value)
 
 
 def test_a_run_that_fits_is_let_through():
-    _check_capacity(Resources("cpu", "float32", 1, 8, False), [node(2)])
-    _check_capacity(Resources("cuda", "bfloat16", 4, 32, True), [node(16, gpus=4)])
+    _check_capacity(Resources("cpu", "float32", 1, 8, False, "cpu"), [node(2)])
+    _check_capacity(Resources("cuda", "bfloat16", 4, 32, True, "replica"), [node(16, gpus=4)])

@@ -11,9 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from fms_smolvlm import Captioner
+from fms_smolvlm.processing import SmolVLMPreprocessor, SourceImage
 from pipeline.commit import OUTPUT_SCHEMA
 from pipeline.lease import OutputLease
-from pipeline.testing import write_folder_shard, write_parquet_shard, write_sample_shards, write_webdataset_shard
+from pipeline.testing import (
+    encode,
+    synthetic_image,
+    write_folder_shard,
+    write_parquet_shard,
+    write_sample_shards,
+    write_webdataset_shard,
+)
 from tests.pipeline.conftest import expected_images
 
 PROMPT = "Describe this image in one sentence."  # the CLI's default
@@ -51,7 +59,7 @@ def write_mixed_input(directory: Path) -> dict[str, tuple[list[str], list[bytes]
 @pytest.fixture(scope="module")
 def reference_captions(checkpoint):
     """What Captioner.generate says about every image of the mixed input."""
-    captioner = Captioner.from_pretrained(checkpoint)
+    captioner = Captioner.from_pretrained(checkpoint, dtype="float32")
     captions = {}
     for shard in range(3):
         images = expected_images(IMAGES_PER_SHARD, shard)
@@ -95,6 +103,31 @@ def test_every_format_on_s3(run_job, tmp_path, s3_server, reference_captions):
     assert_output_matches(fs, "captions-test/mixed/output", shards, reference_captions)
 
 
+def test_resizing_on_the_replica_gives_the_cpu_path_output_locally_and_on_s3(run_job, tmp_path, s3_server, checkpoint):
+    """The GPU replicas' way (the CPU stage ships a decoded image when that is fewer bytes than its tiles, the replica
+    resizes and tiles it) on CPU replicas: the CPU path's output, every column of every row, from local disk and S3.
+    The e2e shards and one of small images, which travel as pixels (the others as tiles)."""
+    shards = write_mixed_input(tmp_path / "input")
+    small = [("png", encode(synthetic_image(w, h, seed=i), "PNG")) for i, (w, h) in enumerate([(96, 96), (60, 45), (100, 120)])]
+    write_webdataset_shard(tmp_path / "input" / "small.tar", small)
+    preprocessor = SmolVLMPreprocessor.from_pretrained(checkpoint, resize_on="replica")
+    images = [data for _, images in shards.values() for data in images] + [data for _, data in small]
+    shipped = [isinstance(preprocessor.process(data, [PROMPT]).tiles, SourceImage) for data in images]
+    assert shipped[-3:] == [True] * 3 and not any(shipped[:-3])
+    local = fsspec.filesystem("file")
+    assert run_job(tmp_path / "input", tmp_path / "cpu", "--resize-on", "cpu") == 0
+    assert run_job(tmp_path / "input", tmp_path / "replica", "--resize-on", "replica") == 0
+    expected = read_outputs(local, str(tmp_path / "cpu"))
+    assert read_outputs(local, str(tmp_path / "replica")) == expected and len(expected) == 4
+    fs, options = s3_server
+    fs.put(str(tmp_path / "input"), "captions-test/resize/input", recursive=True)
+    status = run_job("s3://captions-test/resize/input", "s3://captions-test/resize/output", "--resize-on", "replica",
+                     "--storage-options", json.dumps(options))
+    assert status == 0
+    fs.invalidate_cache()
+    assert read_outputs(fs, "captions-test/resize/output") == expected
+
+
 def tar_of(path: Path, members: dict[str, bytes]) -> None:
     with tarfile.open(path, "w") as archive:
         for name, payload in members.items():
@@ -127,6 +160,18 @@ def test_bad_data_becomes_error_rows(run_job, tmp_path):
     assert bad["d"]["error"] == "sample has no image or video file (json)"
     checkpoint = json.loads((tmp_path / "output" / "_checkpoints" / "bad.tar.json").read_text())
     assert checkpoint["rows"] == 4 and checkpoint["error_rows"] == 3
+
+
+def test_an_image_too_long_for_the_model_is_an_error_row(run_job, tmp_path):
+    """With a large image budget a square image's tiles (16 x 16 + 1 of 16 tokens) outgrow the model's positions:
+    that row says so, the wide image beside it is captioned, the run succeeds."""
+    (tmp_path / "input").mkdir()
+    tar_of(tmp_path / "input" / "budget.tar", {"square.png": encode(synthetic_image(300, 300, seed=1), "PNG"),
+                                              "wide.png": encode(synthetic_image(400, 50, seed=2), "PNG")})
+    assert run_job(tmp_path / "input", tmp_path / "output", "--image-longest-edge", "512") == 0
+    rows = {row["key"]: row for row in read_outputs(fsspec.filesystem("file"), str(tmp_path / "output"))["budget.tar"]}
+    assert "exceeds the model's 4091 positions" in rows["square"]["error"] and rows["square"]["caption"] is None
+    assert rows["wide"]["error"] is None and rows["wide"]["caption"] is not None
 
 
 def test_unreadable_shard_fails_alone(run_job, tmp_path, capsys):

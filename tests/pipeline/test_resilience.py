@@ -38,9 +38,11 @@ def job_flags(input_dir, output_dir, checkpoint, *flags):
     return ["--input", input_dir, "--output", output_dir, "--model", checkpoint, "--max-new-tokens", "4", *flags]
 
 
-def test_a_replica_killed_mid_run_is_replaced_and_the_run_finishes(checkpoint, tmp_path):
+def test_a_replica_killed_mid_run_is_replaced_and_the_run_finishes(checkpoint, compiled_captioner, tmp_path):
     """SIGKILL of the replica's worker process while it holds a batch: Ray restarts the actor, Ray Data sends the
-    lost batches again, and the same run commits every sample exactly once, with exit 0.
+    lost batches again, and the same run commits every sample exactly once, with exit 0. The replicas are compiled:
+    the restarted one loads the job's compiled graphs (here from its node's compile cache, which the session's
+    compiled captioner filled) instead of compiling them.
 
     The job runs as a subprocess with a local Ray of its own, so that killing a worker cannot disturb the session's
     Ray, and its whole session is cleaned up afterwards. The test's worker hook makes the replica hold every batch it
@@ -50,7 +52,8 @@ def test_a_replica_killed_mid_run_is_replaced_and_the_run_finishes(checkpoint, t
     written = write_sample_shards(tmp_path / "input", shards=10, images_per_shard=1)
     output, gate = tmp_path / "output", tmp_path / "gate"
     gate.mkdir()
-    job = JobProcess(job_flags(tmp_path / "input", output, checkpoint, "--batch-size", "1"),
+    job = JobProcess(job_flags(tmp_path / "input", output, checkpoint, "--batch-size", "2", "--compile",
+                               "--dtype", "float32"),
                      env={GATE_ENV: str(gate), OUTPUT_ENV: str(output)})
     try:
         job.wait_for("committed shard", timeout=RUN_TIMEOUT_S)
@@ -76,6 +79,11 @@ def test_a_replica_killed_mid_run_is_replaced_and_the_run_finishes(checkpoint, t
     # the killed replica captioned the first shards; another process (the restarted actor) the rest
     assert killed in pids and pids - {killed}, pids
     assert not list(output.rglob("*.tmp-*"))
+    graphs = compiled_captioner.engine.stats()["compiled_graphs"]
+    starts = list(summary["replicas"].values())
+    assert len(starts) == 2 and {replica_pid(name) for name in summary["replicas"]} == pids
+    assert all(start["graphs_compiled"] == 0 and start["graphs_loaded"] == graphs for start in starts), starts
+    assert len(list((output / "_compiled").glob("*.tar"))) == 1  # published for the runs to come
 
 
 @pytest.fixture(scope="module")
