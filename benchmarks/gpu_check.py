@@ -12,8 +12,13 @@ Sections (each line of the final table: check, measured value, bound, pass / FAI
   measurements and bounds (tests/models/test_parity.py, test_dtypes.py, tests/test_generation.py), with TF32 off:
   fp32 here means IEEE fp32.
 * engine: the compiled bf16 engine (on CUDA its decode step is `reduce-overhead`: CUDA graphs) over 100+ requests of
-  varied prompts (text-only, 5 to 17 tiles) and caption lengths: graphs compiled, decode shapes, CUDA graphs skipped
-  by inductor and launched (profiled), and the requests whose tokens equal the eager bf16 engine's.
+  varied prompts (text-only, 5 to 17 tiles) and caption lengths, after its warm-up: no graph compiled and no CUDA
+  graph captured in the run, CUDA graphs launched (profiled), and the requests whose tokens equal the eager bf16
+  engine's.
+* resize: the replica's Pillow-exact resize on the device: tiles equal to the CPU path's on the test corpus and at
+  SmolVLM-256M's settings, and ms per image for a 640x480 and a 4000x3000 image.
+* start-up: benchmarks/startup.py on the device (256M, bf16): a first replica compiling, a second loading its artifact,
+  a fresh machine loading the packed artifact; no graph compiled by the last two.
 * throughput: benchmarks/generate.py in a subprocess (256m shapes, batch 32 and 128, fixed and mixed workloads); its
   tables are shown as it runs, the compiled continuous engine's rates go into the final table.
 
@@ -47,7 +52,7 @@ from transformers import AutoModelForImageTextToText  # noqa: E402
 from fms_smolvlm import Captioner  # noqa: E402
 from fms_smolvlm.generation import Request, SamplingParams  # noqa: E402
 from fms_smolvlm.hf_api import real_tiles  # noqa: E402
-from fms_smolvlm.processing import SmolVLMPreprocessor  # noqa: E402
+from fms_smolvlm.processing import SmolVLMPreprocessor, decode_image  # noqa: E402
 from fms_smolvlm.smolvlm import attention_mask_3d  # noqa: E402
 from fms_smolvlm.testing import write_random_checkpoint  # noqa: E402
 from tests.conftest import CHECKPOINT_CONFIGS, random_image  # noqa: E402  (the suite's checkpoints and images)
@@ -64,11 +69,6 @@ LOGITS_TOLERANCE = 1e-4  # of the logits' scale (test_parity)
 BF16_TOP1 = 0.95  # teacher-forced top-1 agreement with HF fp32 (test_dtypes)
 BF16_RELATIVE_ERROR = 4e-2  # bf16 keeps 8 significant bits; a few steps through the layers (test_dtypes)
 COMPILED_EQUALS_EAGER = 0.8  # a near tie flips under inductor's fused bf16 arithmetic (test_compiled_bf16_...)
-# graphs a run may add besides one per new decode shape: the extend step's variants the warm-up leaves out, once
-# each: one row or several (dynamo specialises a size of 1, and duck sizing ties the warm-up's full batch to the
-# cache's slot count), with image features or for text alone (None). test_recompiles_are_bounded_over_a_long_run
-# allows 2: its requests all have images.
-EXTRA_GRAPHS = 4
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,16 @@ class Settings:
     engine_min_requests: int
     engine_max_new_tokens: int  # per-request limits are drawn from 1..this
     benchmark_args: tuple  # for benchmarks/generate.py, besides --device
+    startup_args: tuple  # for benchmarks/startup.py, besides --device
+    resize_sizes: tuple  # images timed through the device resize at SmolVLM-256M's settings
+    resize_repeats: int
 
 
-FULL = Settings(40, 32, 100, 40, ("--config", "256m", "--batch-sizes", "32", "128", "--images", "256"))
+FULL = Settings(40, 32, 100, 40, ("--config", "256m", "--batch-sizes", "32", "128", "--images", "256"),
+                ("--config", "256m", "--dtype", "bfloat16", "--batch-size", "32"), ((640, 480), (4000, 3000)), 20)
 QUICK = Settings(4, 4, 10, 6, ("--config", "cpu-mid", "--batch-sizes", "2", "--images", "4", "--repeats", "1",
-                           "--new-tokens", "6"))
+                           "--new-tokens", "6", "--workloads", "fixed"),
+                 ("--config", "cpu-mid", "--batch-size", "2", "--new-tokens", "4"), ((640, 480),), 1)
 
 
 @dataclass
@@ -246,57 +251,34 @@ def token_ids(results) -> list[list[int]]:
     return [generations[0].token_ids for generations in results]
 
 
-def generate_counting_growths(engine, requests: list[Request]) -> tuple[list, int]:
-    """``engine.generate(requests)`` one step at a time, and the decode graphs its cache growths may invalidate: a
-    decode graph is specialised to the cache's length too, so a growth can recompile every decode shape used before."""
-    tickets = [engine.submit(request) for request in requests]
-    results, invalidated = {}, 0
-    while len(results) < len(tickets):
-        before = engine.stats()
-        results.update(engine.step())
-        if engine.stats()["cache_shape"] != before["cache_shape"]:
-            invalidated += len(before["decode_shapes"])
-    return [results[ticket] for ticket in tickets], invalidated
-
-
-def graph_launches(run) -> int:
-    """CUDA graph launches the profiler sees during ``run()`` (none where it sees no CUDA activity)."""
-    with torch.profiler.profile(activities=list(torch.profiler.supported_activities())) as profile:
-        run()
-    return sum(event.count for event in profile.key_averages() if "GraphLaunch" in event.key)
-
-
 @dataclass
 class CompiledRun:
     tokens: list
-    new_graphs: int  # in the run, after the warm-up
-    all_graphs: int  # the warm-up's included
-    new_shapes: int  # decode shapes first used in the run
-    invalidated: int  # decode graphs the run's cache growths may have recompiled
+    warmup: dict  # the engine's warm-up report
+    compiled_in_run: int  # graphs compiled after the warm-up (the engine's count)
+    dynamo_in_run: int  # the same by Dynamo's counter
+    captures_in_run: int  # CUDA graphs instantiated after the warm-up (profiled)
+    launches: int  # CUDA graph launches in the run (profiled)
     shapes: list
-    batch_buckets: int
-    cudagraph_skips: int
-    launches: int  # CUDA graph launches in a rerun of the first batch of requests
-    replayed: int
-    expect_graphs: bool  # the engine compiles its decode step for CUDA graphs (reduce-overhead) on CUDA only
+    expect_graphs: bool  # the engine's decode step runs as CUDA graphs (reduce-overhead) on CUDA only
 
 
-def compiled_run(path: Path, load: dict, requests: list[Request]) -> CompiledRun:
+def compiled_run(path: Path, load: dict, requests: list[Request], cache: Path) -> CompiledRun:
     torch._dynamo.reset()
-    skips, graphs_at_start = counters["inductor"]["cudagraph_skips"], counters["stats"]["unique_graphs"]
-    captioner = Captioner.from_pretrained(path, compile=True, warmup=True, **load)
-    engine = captioner.engine
-    graphs_before, shapes_before = counters["stats"]["unique_graphs"], set(engine.stats()["decode_shapes"])
-    results, invalidated = generate_counting_growths(engine, requests)
-    graphs_after, shapes = counters["stats"]["unique_graphs"], engine.stats()["decode_shapes"]
-    # a rerun over shapes the run has recorded: on CUDA the decode steps replay their graphs
-    replay = requests[: engine.max_batch_size]
-    launches = graph_launches(lambda: engine.generate(replay))
+    engine = Captioner.from_pretrained(path, compile=True, compile_cache=cache, **load).engine
+    report = engine.warmup()
+    compiled_before, graphs_before = engine.stats()["compiled_graphs"], counters["stats"]["unique_graphs"]
+    # the profiler sees CUDA graphs captured (instantiated) and launched; on the CPU there are none
+    with torch.profiler.profile(activities=list(torch.profiler.supported_activities())) as profile:
+        results = engine.generate(requests)
+    events = profile.key_averages()
     return CompiledRun(
-        tokens=token_ids(results), new_graphs=graphs_after - graphs_before, all_graphs=graphs_after - graphs_at_start,
-        new_shapes=len(set(shapes) - shapes_before), invalidated=invalidated, shapes=shapes,
-        batch_buckets=len(engine.batch_buckets), cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips,
-        launches=launches, replayed=len(replay), expect_graphs=engine.device.type == "cuda",
+        tokens=token_ids(results), warmup=report,
+        compiled_in_run=engine.stats()["compiled_graphs"] - compiled_before,
+        dynamo_in_run=counters["stats"]["unique_graphs"] - graphs_before,
+        captures_in_run=sum(e.count for e in events if "GraphInstantiate" in e.key),
+        launches=sum(e.count for e in events if "GraphLaunch" in e.key),
+        shapes=engine.stats()["decode_shapes"], expect_graphs=engine.device.type == "cuda",
     )
 
 
@@ -307,29 +289,94 @@ def engine_checks(workdir: Path, device: torch.device, settings: Settings) -> li
     requests = engine_requests(eager, settings)
     expected = token_ids(eager.engine.generate(requests))
     del eager
-    run = compiled_run(path, load, requests)
+    run = compiled_run(path, load, requests, workdir / "compiled")
 
     tiles = [0 if r.tiles is None else len(r.tiles) for r in requests]
     limits = [r.params[0].max_new_tokens for r in requests]
-    graph_bound = run.new_shapes + EXTRA_GRAPHS + run.invalidated
     same = sum(a == e for a, e in zip(run.tokens, expected))
+    warmup = run.warmup
     return [
         Row("engine workload (bf16, compiled)", f"{len(requests)} requests: {tiles.count(0)} text-only, "
             f"{min(t for t in tiles if t)}..{max(tiles)} tiles, limits {min(limits)}..{max(limits)}, "
             f"{sum(map(len, expected))} tokens", f">= {settings.engine_min_requests} requests",
             len(requests) >= settings.engine_min_requests),
-        Row("engine graphs compiled in the run (after warm-up)", f"{run.new_graphs} ({run.all_graphs} with warm-up)",
-            f"<= {run.new_shapes} new decode shapes + {EXTRA_GRAPHS} + {run.invalidated} after cache growth",
-            run.new_graphs <= graph_bound),
-        Row("engine decode shapes (rows x attended length)", f"{len(run.shapes)}: {' '.join(f'{r}x{n}' for r, n in run.shapes)}",
-            f"<= 3 x {run.batch_buckets} batch buckets", len(run.shapes) <= 3 * run.batch_buckets),
-        Row("engine cudagraph skips (inductor's counter)", str(run.cudagraph_skips), "= 0", run.cudagraph_skips == 0),
-        Row(f"engine CUDA graph launches, rerun of {run.replayed} requests", str(run.launches),
+        Row("engine warm-up", f"{warmup['graphs_compiled']} graphs compiled, {warmup['calls']} shapes run, "
+            f"{warmup['seconds']:.0f} s", "", None),
+        Row("engine graphs compiled after warm-up (engine, dynamo)", f"{run.compiled_in_run}, {run.dynamo_in_run}",
+            "= 0, = 0", run.compiled_in_run == 0 and run.dynamo_in_run == 0),
+        Row("engine CUDA graphs captured after warm-up", str(run.captures_in_run), "= 0", run.captures_in_run == 0),
+        Row("engine CUDA graph launches in the run", str(run.launches),
             ">= 1" if run.expect_graphs else "= 0 (no CUDA graphs on cpu)",
             run.launches >= 1 if run.expect_graphs else run.launches == 0),
+        Row("engine decode shapes used (rows x attended length)", f"{len(run.shapes)}: "
+            f"{' '.join(f'{r}x{n}' for r, n in run.shapes)}", "", None),
         Row("engine compiled tokens = eager bf16 tokens", f"{same / len(requests):.3f} ({same}/{len(requests)})",
             f">= {COMPILED_EQUALS_EAGER}", same / len(requests) >= COMPILED_EQUALS_EAGER),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resizing and tiling on the device
+
+
+def resize_checks(device: torch.device, settings: Settings) -> list[Row]:
+    """The replica's resize (Pillow's LANCZOS in integer torch ops) on the device: tiles equal to the CPU path's on the
+    test corpus and at SmolVLM-256M's settings, and its time per image for a web-sized and a large photo."""
+    from fms_smolvlm.processing import SourceImage, image_tiles, plan_tiles, tile_image, tiles_from_sources
+    from tests.test_replica_tiling import SETTINGS, corpus
+
+    mismatched, checked = [], 0
+    for name, image_settings in SETTINGS.items():
+        images = {label: decode_image(data) for label, data in corpus().items()} if name != "256m" else {
+            f"{w}x{h}": random_image(w, h, seed=w) for w, h in ((640, 480), (300, 900), (1000, 700))}
+        sources = [SourceImage(np.asarray(image), plan_tiles(*image.size, image_settings)) for image in images.values()]
+        for label, image, tiles in zip(images, images.values(), tiles_from_sources(sources, device)):
+            checked += 1
+            if not np.array_equal(tiles.cpu().numpy(), tile_image(image, image_settings).tiles):
+                mismatched.append(f"{name}:{label}")
+    rows = [Row("resize on the device: tiles = CPU path's", f"{checked - len(mismatched)}/{checked} images"
+                + (f" (differ: {', '.join(mismatched[:5])})" if mismatched else ""), "all identical", not mismatched)]
+    for size in settings.resize_sizes:
+        image = random_image(*size, seed=1)
+        source, _ = image_tiles(image, SETTINGS["256m"], "replica")
+        source = source if isinstance(source, SourceImage) else SourceImage(np.asarray(image), plan_tiles(*size, SETTINGS["256m"]))
+        on_device = SourceImage(torch.from_numpy(np.asarray(image).copy()).to(device), source.plan)
+        tiles_from_sources([on_device], device)  # coefficients cached, kernels loaded
+
+        def run():
+            tiles_from_sources([on_device], device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        started = time.perf_counter()
+        for _ in range(settings.resize_repeats):
+            run()
+        per_image = (time.perf_counter() - started) / settings.resize_repeats
+        rows.append(Row(f"resize on the device, {size[0]}x{size[1]} -> {source.plan.num_tiles} tiles of 512 (256M)",
+                        f"{1e3 * per_image:.2f} ms per image", "", None))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+
+
+def startup_checks(device: torch.device, settings: Settings) -> list[Row]:
+    """benchmarks/startup.py: a first replica compiling, a second loading its artifact, a fresh machine loading it
+    from the packed artifact (CUDA graphs captured by each warm-up)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--device", device.type, *settings.startup_args]
+    print("$", " ".join(command[1:]), flush=True)
+    output = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    print(output.stdout, output.stderr[-2000:] if output.returncode else "", flush=True)
+    rows = [Row("start-up benchmarks/startup.py exit status", str(output.returncode), "= 0", output.returncode == 0)]
+    for line in output.stdout.splitlines():
+        for name in ("first replica", "second replica", "fresh machine"):
+            if line.startswith(name):
+                ready, _, _, compiled, loaded = line[34:].split()[:5]
+                ok = None if name == "first replica" else int(compiled) == 0 and int(loaded) > 0
+                rows.append(Row(f"start-up {name}: ready s, graphs compiled / loaded", f"{ready} s, {compiled} / {loaded}",
+                                "" if ok is None else "0 compiled", ok))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +410,8 @@ def benchmark_rows(output: str) -> list[Row]:
             workload = line.split(":")[0]
         elif line.startswith("engine compiled, continuous"):
             fields = line[len("engine compiled, continuous") :].split()
-            if workload == "fixed":  # images/s, vs HF, step ms, floor ms, same tokens
-                value = f"{fields[0]} images/s, {fields[1]} HF, step {fields[2]} ms (floor {fields[3]}), same tokens {fields[4]}"
+            if workload == "fixed":  # images/s, vs HF, step ms, same tokens
+                value = f"{fields[0]} images/s, {fields[1]} HF, step {fields[2]} ms, same tokens {fields[3]}"
             else:  # images/s, tokens/s, vs HF
                 value = f"{fields[0]} images/s, {fields[1]} tokens/s, {fields[2]} HF"
             rows.append(Row(f"throughput batch {batch} {workload}, engine compiled continuous", value, "", None))
@@ -413,9 +460,10 @@ def main() -> int:
     torch.manual_seed(0)
     with TemporaryDirectory() as tmp:
         rows = parity_checks(Path(tmp), device)
-        engine = engine_checks(Path(tmp), device, settings)
+        engine = engine_checks(Path(tmp), device, settings) + resize_checks(device, settings)
         print(table(engine), flush=True)
         rows += engine
+    rows += startup_checks(device, settings)
     torch.cuda.empty_cache()  # the benchmark's process gets this one's cached GPU memory (a no-op without CUDA)
     benchmark, benchmark_output = run_benchmark(device, settings)
     rows += benchmark

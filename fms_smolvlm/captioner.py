@@ -10,7 +10,7 @@ import torch
 import fms.models
 from fms_smolvlm.checkpoint import check_checkpoint_dir, resolve_checkpoint, stop_token_ids
 from fms_smolvlm.compiled import default_compile_cache
-from fms_smolvlm.generation import Generation, GenerationEngine, Request, SamplingParams
+from fms_smolvlm.generation import Generation, GenerationEngine, Request, SamplingParams, TooLongForModel
 from fms_smolvlm.processing import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, ProcessedSample, SmolVLMPreprocessor
 from fms_smolvlm.smolvlm import SmolVLM
 
@@ -196,7 +196,7 @@ class Captioner:
                 request = Request(sample.prompt_ids, sample.tiles, tuple(sample_params), seed)
                 try:
                     self.engine.check(request)
-                except ValueError as error:
+                except TooLongForModel as error:
                     sample, request = replace(sample, error=str(error)), None
             checked.append(sample)
             requests.append(request)

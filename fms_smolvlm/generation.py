@@ -270,6 +270,8 @@ def compiled_steps(model: SmolVLM, cache: Optional[Path], slots: int) -> Compile
     row or several (CUDA graphs on a GPU, captured per shape by the warm-up). Every other size is dynamic, the
     number of slots included, except one slot (a size of 1 is static): an engine of one slot has graphs of its own,
     so its artifact is keyed apart."""
+    if not hasattr(torch.compiler, "load_compiled_function"):  # pyproject admits torch 2.5 for eager engines
+        raise RuntimeError(f"compile=True needs torch's ahead-of-time compile (torch 2.13 is tested); this is torch {torch.__version__}")
     options = inference_compile_options(model.device)
     decode = {"mode": "reduce-overhead"} if model.device.type == "cuda" else {"options": options}
     steps = [
@@ -284,6 +286,10 @@ def compiled_steps(model: SmolVLM, cache: Optional[Path], slots: int) -> Compile
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
+
+
+class TooLongForModel(ValueError):
+    """A request whose prompt plus its new tokens overruns the model's positions."""
 
 
 @dataclass(frozen=True)
@@ -496,8 +502,9 @@ class GenerationEngine:
     # --- the public API ------------------------------------------------------------------------
 
     def check(self, request: Request) -> None:
-        """Raises ValueError, naming why, for a request this engine cannot run (too long for the model's positions,
-        more prompts than slots, parameters that do not match its prompts)."""
+        """Raises ValueError, naming why, for a request this engine cannot run: :class:`TooLongForModel` (a prompt
+        and its new tokens overrun the model's positions: a property of that request's image and prompt), more
+        prompts than slots, parameters that do not match its prompts (the caller's set-up)."""
         if len(request.prompt_ids) != len(request.params) or not request.prompt_ids:
             raise ValueError(f"a request needs one SamplingParams per prompt, got {len(request.params)} for "
                              f"{len(request.prompt_ids)}")
@@ -506,7 +513,7 @@ class GenerationEngine:
                              f"{self.max_batch_size}")
         for ids, params in zip(request.prompt_ids, request.params):
             if len(ids) + params.max_new_tokens > self.max_positions:
-                raise ValueError(f"a prompt of {len(ids)} tokens plus {params.max_new_tokens} new tokens exceeds the "
+                raise TooLongForModel(f"a prompt of {len(ids)} tokens plus {params.max_new_tokens} new tokens exceeds the "
                                  f"model's {self.max_positions} positions")
 
     def submit(self, request: Request) -> int:

@@ -44,6 +44,9 @@ def output_schema(prompt_columns: Sequence[tuple] = (UNNAMED_PROMPT_COLUMNS,), v
 
 
 OUTPUT_SCHEMA = output_schema()  # one unnamed prompt, an image checkpoint
+# what the caption stage sends besides the output columns: to group rows by shard, and to report replicas (their
+# names, and how each started: a JSON object, pipeline.stages.start_report)
+ROUTING_COLUMNS = [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string()), ("replica_start", pa.string())]
 SHARDS_DIR = "shards"
 CHECKPOINTS_DIR = "_checkpoints"
 

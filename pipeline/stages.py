@@ -19,7 +19,7 @@ import torch
 from fms_smolvlm.captioner import CaptionResult
 from fms_smolvlm.processing import ProcessedSample, SourceImage, TilePlan
 from pipeline.artifacts import SharedArtifacts, warm_up
-from pipeline.commit import output_schema
+from pipeline.commit import ROUTING_COLUMNS, output_schema
 from pipeline.config import PreprocessSettings, ReplicaSettings
 from pipeline.retry import RetryPolicy, StoreRetries
 from pipeline.storage import resolve
@@ -44,9 +44,6 @@ PREPROCESSED_SCHEMA = pa.schema(
         ("resize_plan", pa.list_(pa.int32())),
     ]
 )
-# what the commit stage needs besides the output columns: to group rows by shard, and to report replicas (their
-# names, and how each started: a JSON object of start_report)
-ROUTING_COLUMNS = [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string()), ("replica_start", pa.string())]
 
 # Ray Data batches a replica holds at once: while one waits for its last caption, the others keep the slots full
 BATCHES_IN_FLIGHT = 3

@@ -14,11 +14,10 @@ from botocore.exceptions import ClientError
 from fsspec.implementations.memory import MemoryFileSystem
 from s3fs.errors import translate_boto_error
 
-from pipeline.commit import OUTPUT_SCHEMA, ShardCommitter, checkpoint_file, committed_shards, shard_file
+from pipeline.commit import OUTPUT_SCHEMA, ROUTING_COLUMNS, ShardCommitter, checkpoint_file, committed_shards, shard_file
 from pipeline.retry import RetryPolicy, StoreRetries
 
-# what the caption stage sends (pipeline.stages.CAPTION_SCHEMA, without importing the model code)
-CAPTION_ROWS = pa.schema(list(OUTPUT_SCHEMA) + [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string())])
+CAPTION_ROWS = pa.schema(list(OUTPUT_SCHEMA) + ROUTING_COLUMNS)  # what the caption stage sends
 FAST_RETRY = RetryPolicy(budget_s=0.05, first_delay_s=0.001, max_delay_s=0.005)
 WAIT_S = 30  # a bound on waits that normally end at once
 
@@ -70,7 +69,8 @@ def root():
 def sample_row(shard_id: str, index: int, error: str = None) -> dict:
     return {"key": f"{shard_id}-{index}", "shard_id": shard_id, "caption": None if error else f"caption {index}",
             "error": error, "width": 10, "height": 20, "num_image_tokens": 64, "num_generated_tokens": index + 1,
-            "finish_reason": "stop", "shard_size": None, "index": index, "replica": f"replica-{index % 2}"}
+            "finish_reason": "stop", "shard_size": None, "index": index, "replica": f"replica-{index % 2}",
+            "replica_start": json.dumps({"ready_s": 1.0 + index % 2})}
 
 
 def end_row(shard_id: str, size: int, error: str = None) -> dict:
@@ -104,6 +104,7 @@ def test_interleaved_shards_commit_exactly_once_each_parquet_before_checkpoint(r
     assert committer.stats.failed == {}
     assert committer.stats.rows == sum(sizes.values())
     assert committer.stats.generated_tokens == sum(i + 1 for size in sizes.values() for i in range(size))
+    assert committer.stats.replicas == {"replica-0": {"ready_s": 1.0}, "replica-1": {"ready_s": 2.0}}  # how each started
     for shard_id, size in sizes.items():
         parquet, checkpoint = shard_file(root, shard_id), checkpoint_file(root, shard_id)
         assert fs.writes.count(parquet) == fs.writes.count(checkpoint) == 1

@@ -20,7 +20,7 @@ import pytest
 import s3fs
 
 from infra.local.s3_proxy import S3Proxy
-from pipeline.commit import OUTPUT_SCHEMA, ShardCommitter, committed_shards
+from pipeline.commit import OUTPUT_SCHEMA, ROUTING_COLUMNS, ShardCommitter, committed_shards
 from pipeline.lease import LEASE_DIR, LeaseLostError, OutputLease
 from pipeline.retry import RetryPolicy, StoreRetries, StoreUnavailableError, describe
 from pipeline.sources import discover_shards, read_shard_batches, shard_items
@@ -92,10 +92,10 @@ def lease_record(fs, root: str, generation: int) -> dict:
 
 
 def shard_batch(shard_id: str) -> pa.Table:
-    routing = [("shard_size", pa.int64()), ("index", pa.int64()), ("replica", pa.string())]
-    schema = pa.schema(list(OUTPUT_SCHEMA) + routing)
+    schema = pa.schema(list(OUTPUT_SCHEMA) + ROUTING_COLUMNS)
     row = {name: None for name in schema.names}
-    rows = [{**row, "key": "k", "shard_id": shard_id, "caption": "c", "index": 0, "replica": "r"},
+    rows = [{**row, "key": "k", "shard_id": shard_id, "caption": "c", "index": 0, "replica": "r",
+             "replica_start": "{}"},
             {**row, "shard_id": shard_id, "shard_size": 1, "index": -1}]
     return pa.Table.from_pylist(rows, schema=schema)
 
