@@ -216,7 +216,7 @@ def vision_floor(model, tiles: int) -> float:
 
     with torch.no_grad():
         run()
-        return timed(run, weight.device, repeats=3)
+        return timed(run, model.device, repeats=3)
 
 
 def vision(path: Path, captioners: list, dtype: torch.dtype, device: torch.device, tiles: int, repeats: int) -> None:
