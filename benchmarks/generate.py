@@ -243,7 +243,6 @@ def vision(path: Path, captioners: list, dtype: torch.dtype, device: torch.devic
             fn()
             seconds = timed(fn, device, repeats)
             print(f"{name:30s}{1e3 * seconds / tiles:10.1f} ms{seconds / floor:8.2f}x floor")
-    del model
 
 
 def main() -> None:

@@ -64,6 +64,9 @@ class SharedArtifacts:
             if self.has(digest) and self._fetch(digest, local):
                 return "fetched"
             if self._take_claim(digest):
+                if self.has(digest) and self._fetch(digest, local):  # published (and released) since the look above
+                    self.release(digest)
+                    return "fetched"
                 return "compile"
             logger.info("another replica is compiling %s: waiting for its artifact", digest)
             time.sleep(pause)

@@ -48,6 +48,20 @@ def test_one_replica_compiles_and_the_others_fetch_what_it_published(output, tmp
     assert output.prepare(DIGEST, tmp_path / "node-c" / DIGEST) == "fetched"  # a fresh node, a later run
 
 
+def test_an_artifact_published_while_claiming_is_fetched_not_compiled(output, tmp_path, monkeypatch):
+    """The compiling replica publishes (and drops its claim) between another replica's look for the artifact and
+    that replica's claim: the claim succeeds, and the replica fetches what was published instead of compiling."""
+    take_claim = output._take_claim
+
+    def published_meanwhile(digest):
+        output.publish(digest, an_artifact(tmp_path / "compiled"))
+        return take_claim(digest)
+
+    monkeypatch.setattr(output, "_take_claim", published_meanwhile)
+    assert output.prepare(DIGEST, tmp_path / "node" / DIGEST) == "fetched"
+    assert not (tmp_path / "output" / "_compiled" / f"{DIGEST}.claim").exists()
+
+
 def test_an_expired_claim_is_taken_over(output, tmp_path, monkeypatch):
     """A replica that died compiling leaves its claim; once its deadline has passed another replica compiles."""
     monkeypatch.setattr(artifacts, "POLL_SECONDS", (0.01, 0.05))
