@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import threading
+import time
 
 import fsspec
 import pytest
@@ -48,19 +49,21 @@ def test_two_nodes_one_replica_each_and_a_lost_node_is_ridden_out(checkpoint, tm
     the Ray node id of each replica's pid, hold each replica's first batch until both have one (so that the work of
     this small job reaches both however far apart they start), and hold the batches a replica gets once it has
     committed a shard until the test opens the gate (so that the kill lands with work in the lost replica: the head's
-    replica holds at most 3, the rest go to the other)."""
+    replica holds at most 3, the rest go to the other). The kill waits until the head's replica has committed a shard
+    too (the worker's may be first)."""
     written = write_sample_shards(tmp_path / "input", shards=12, images_per_shard=1)
     output, nodes, gate = tmp_path / "output", tmp_path / "nodes", tmp_path / "gate"
     nodes.mkdir()
     gate.mkdir()
     flags = ["--input", tmp_path / "input", "--output", output, "--model", checkpoint, "--max-new-tokens", "4",
-             "--batch-size", "1", "--replicas", "2"]
+             "--batch-size", "1", "--replicas", "2", "--dtype", "float32"]
     env = {NODES_ENV: str(nodes), BARRIER_ENV: "2", GATE_ENV: str(gate), OUTPUT_ENV: str(output)}
     job = JobProcess(flags, env=env, nodes=2, cpus_per_node=3)
     try:
         head = job.wait_for(HEAD_NODE, timeout=RUN_TIMEOUT_S)[0].split()[-1]
         lost = held_by_a_replica_off(head, job, nodes)
         worker = (nodes / str(lost)).read_text()
+        wait_for_a_commit_on(head, output, timeout=RUN_TIMEOUT_S)  # both replicas have captioned before the loss
         committed_before, replicas_before = read_checkpoints(output), replica_nodes(nodes)
         os.kill(raylet_of(job.process.pid, worker), signal.SIGKILL)
         (gate / "open").touch()
@@ -89,6 +92,16 @@ def held_by_a_replica_off(head: str, job: JobProcess, nodes) -> int:
         pid = int(re.search(rf"{HOLDING} \(pid (\d+)\)", line).group(1))  # Ray may append "[repeated 4x ...]"
         if (nodes / str(pid)).read_text() != head:
             return pid
+
+
+def wait_for_a_commit_on(node: str, output, timeout: float) -> None:
+    """Until a committed shard names a replica on Ray node ``node`` (a condition in other processes: look again every
+    50 ms); fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not any(replica.endswith(f":node-{node[:12]}") for record in read_checkpoints(output).values()
+                  for replica in record["replicas"]):
+        assert time.monotonic() < deadline, f"no shard committed by a replica on node {node} in {timeout} s"
+        time.sleep(0.05)
 
 
 def replica_nodes(nodes) -> dict[int, str]:
