@@ -15,13 +15,14 @@ from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from typing_extensions import Unpack
 
 from fms import models
 from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
 from fms.models.llama import LLaMA, LLaMAConfig
 from fms.models.siglip_vision import SiglipEncoder, SiglipVisionConfig
-from fms.modules.attention import AttentionKwargs, get_attention_type
+from fms.modules.attention import AttentionKwargs, get_attention_type, register_attention_op
 from fms.modules.layernorm import LayerNormParameterized
 from fms.utils import serialization
 from fms.utils.config import ModelConfig
@@ -195,6 +196,84 @@ class TanhGELU(nn.GELU):
         return super().forward(x)
 
 
+class SigLIPLayerNorm(LayerNormParameterized):
+    """SigLIP's LayerNorm as HF computes it, ``F.layer_norm``: statistics and the affine in fp32, rounded once to the
+    model's dtype. FMS's ``LayerNormParameterized`` subtracts the mean and applies the affine in the model's dtype
+    (bits lost in bf16) in several passes over the activations: on the CPU in bf16, 13 ms per norm over 8 512-px
+    tiles against 1.1. (With it, our bf16 vision tower computes what HF's computes, bit for bit, under SDPA.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.normalized_shape,), self.weight, self.bias, self.eps)
+
+
+def siglip_layer_norm(config: SiglipVisionConfig) -> SigLIPLayerNorm:
+    return SigLIPLayerNorm(config.hidden_size, elementwise_shift=True, use_mean=True, eps=config.layer_norm_eps)
+
+
+VISION_ATTENTION = "smolvlm_vision"
+
+# fp32 scores per chunk of (tile, head) pairs when a bf16/fp16 vision tower attends on the CPU by matmuls: one pair
+# of 1,024 patches at a time (67 ms per layer over 8 tiles, against 89 for pairs of two, whose scores outgrow the
+# caches, and 450 for all pairs at once, whose 400 MB glibc maps afresh and page-faults on every call)
+VISION_SCORES_CHUNK_BYTES = 4 * 2**20
+
+
+def _vision_store(keys, values, key_cache, value_cache, **attn_kwargs):
+    """No cache: every tile attends to its own patches."""
+    return keys, values, keys, values
+
+
+def _vision_attention(query, keys, values, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
+    """Bidirectional attention of each tile's patches, given ``(tiles, patches, heads, dim)``; ``mask``
+    ``(tiles, 1, patches)`` masks padded patches as keys."""
+    query, keys, values = query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+    mask = attn_kwargs.get("mask")
+    mask = None if mask is None else mask[:, None]
+    if _attends_by_matmuls(query, p_dropout):
+        scale = scale_factor if scale_factor is not None else query.shape[-1] ** -0.5
+        out = _attention_in_chunks(query, keys, values, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=p_dropout, scale=scale_factor)
+    return out.transpose(1, 2).contiguous()
+
+
+def _attends_by_matmuls(query: torch.Tensor, p_dropout: float) -> bool:
+    """A bf16/fp16 vision tower on the CPU: PyTorch's CPU flash kernel takes 142 ms per layer over 8 tiles of 1,024
+    patches where bf16 matmuls in chunks take 67 (AVX512-BF16, 2 cores; fp32 score matmuls would take 112). The
+    scores' bf16 rounding moves the 256M vision features' error against fp32 from 1.158e-2 to 1.180e-2 (relative
+    norm). Training keeps SDPA (dropout, and gradients through SDPA's backward rather than every chunk's scores)."""
+    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and p_dropout == 0
+            and not query.requires_grad)
+
+
+@torch.library.custom_op("fms_smolvlm::attention_in_chunks", mutates_args=())
+def _attention_in_chunks(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor],
+                         scale: float) -> torch.Tensor:
+    """Scores by a bf16 matmul (fp32 accumulation, rounded once as HF's eager attention rounds them), softmax in
+    fp32, the weighted sum by a bf16 matmul; over a few (tile, head) pairs at a time. An operator of its own, so
+    that compiled graphs call it as it is (the loop over a dynamic tile count would not trace)."""
+    tiles, heads, patches, dim = query.shape
+    q, k, v = (t.reshape(tiles * heads, patches, dim) for t in (query, keys, values))
+    keep = None if mask is None else mask.expand(tiles, heads, 1, patches).reshape(tiles * heads, 1, patches)
+    chunk = max(1, VISION_SCORES_CHUNK_BYTES // (4 * patches * patches))
+    out = q.new_empty(q.shape)  # contiguous, as the fake kernel says (empty_like would keep a view's strides)
+    for start in range(0, tiles * heads, chunk):
+        pairs = slice(start, start + chunk)
+        scores = torch.bmm(q[pairs], k[pairs].transpose(1, 2)).float().mul_(scale)
+        if keep is not None:
+            scores.masked_fill_(~keep[pairs], float("-inf"))
+        torch.bmm(scores.softmax(-1).to(q.dtype), v[pairs], out=out[pairs])
+    return out.view(tiles, heads, patches, dim)
+
+
+@_attention_in_chunks.register_fake
+def _(query, keys, values, mask, scale):
+    return query.new_empty(query.shape)
+
+
+register_attention_op(VISION_ATTENTION, _vision_store, _vision_attention)
+
+
 class SmolVLMVisionTransformer(nn.Module):
     """SigLIP encoder (FMS modules) over tiles of any size that is a multiple of the patch size."""
 
@@ -206,13 +285,8 @@ class SmolVLMVisionTransformer(nn.Module):
         for layer in self.encoder.layers:  # FMS builds the activation as a plain nn.GELU(approximate="tanh")
             if isinstance(layer.mlp.a, nn.GELU) and layer.mlp.a.approximate == "tanh":
                 layer.mlp.a = TanhGELU()
-        self.post_layernorm = LayerNormParameterized(
-            config.hidden_size,
-            elementwise_shift=True,
-            use_mean=True,
-            eps=config.layer_norm_eps,
-            use_high_precision_pow=True,
-        )
+            layer.layer_norm1, layer.layer_norm2 = siglip_layer_norm(config), siglip_layer_norm(config)
+        self.post_layernorm = siglip_layer_norm(config)
 
     def reset_parameters(self):
         self.embeddings.reset_parameters()
@@ -221,7 +295,7 @@ class SmolVLMVisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``pixel_values`` ``(tiles, C, H, W)`` normalised; ``patch_mask`` ``(tiles, H/p, W/p)`` bool or None (all valid)."""
-        attn_kwargs: dict[str, Any] = {"attn_name": "sdpa_bidirectional"}
+        attn_kwargs: dict[str, Any] = {"attn_name": VISION_ATTENTION}
         if patch_mask is None:
             p = self.config.patch_size
             patch_mask = pixel_values.new_ones(

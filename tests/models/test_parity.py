@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fms.models import get_model
+from transformers import AutoModelForImageTextToText
 
 from fms_smolvlm.hf_api import real_tiles
+from fms_smolvlm import smolvlm
 from fms_smolvlm.smolvlm import TanhGELU, attention_mask_3d, patch_mask_from_pixel_mask, pixel_shuffle
 from tests.conftest import CHECKPOINT_CONFIGS, random_image
 from tests.hf_reference import generate_position_ids, hf_inputs, hf_model, hf_processor
@@ -83,6 +85,29 @@ def test_vision_tower_on_partially_padded_tile(checkpoint):
     expected = torch.cat(list(expected))
     assert actual.shape == expected.shape
     assert (actual - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vision_tower_is_hfs_bit_for_bit_under_sdpa(checkpoint, monkeypatch, dtype):
+    """Same weights, same tiles (whole and padded): the same bits as HF's SDPA vision tower, in fp32 and in bf16 (our
+    norms are HF's ``F.layer_norm``). A bf16 tower on the CPU attends by matmuls instead, which rounds the scores to
+    bf16 (test_dtypes); it is made to take SDPA here, as it does on a GPU."""
+    monkeypatch.setattr(smolvlm, "_attends_by_matmuls", lambda query, p_dropout: False)
+    ours = get_model("hf_pretrained", model_path=str(checkpoint), data_type=dtype).eval()
+    hf = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
+    size, patch = ours.config.vision_config.image_size, ours.config.vision_config.patch_size
+    tiles = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixel_mask = torch.ones(3, size, size, dtype=torch.long)
+    pixel_mask[1, 20:], pixel_mask[2, :, 12:] = 0, 0
+    pixels = ours.normalize_pixels(tiles)
+    patch_mask = patch_mask_from_pixel_mask(pixel_mask, patch)
+    with torch.no_grad():
+        every_patch = torch.ones(1, 3, size, size, dtype=torch.bool)
+        whole = hf.model.get_image_features(pixels[None], pixel_attention_mask=every_patch).pooler_output
+        assert torch.equal(ours.image_features(tiles), torch.cat(list(whole)))
+        pixels = pixels * pixel_mask[:, None]
+        padded = hf.model.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask).last_hidden_state
+        assert torch.equal(ours.vision_tower(pixels, patch_mask), padded)
 
 
 def test_tanh_gelu_is_torchs_eager_and_within_float_rounding_compiled():
