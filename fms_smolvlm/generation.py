@@ -125,14 +125,10 @@ def _slot_cache_store(keys, values, key_cache, value_cache, **attn_kwargs):
     return key_cache[slots, :, :length], value_cache[slots, :, :length], key_cache, value_cache
 
 
-# queries per row up to which a CPU model in bf16 or fp16 attends with fp32 matmuls rather than SDPA (decode steps)
-FP32_SCORES_MAX_QUERIES = 16
-
-
 def _grouped_attention(query, keys, values, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
     """SDPA with the boolean ``mask`` (rows, q_len, kv_len); grouped-query heads share K/V without copying them."""
     query, mask = query.transpose(1, 2), attn_kwargs["mask"][:, None]
-    if _fp32_scores(query):
+    if _fp32_scores(query, attn_kwargs["attend"]):
         out = _attention_with_fp32_scores(query, keys, values, mask, scale_factor)
     else:
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale_factor,
@@ -140,10 +136,13 @@ def _grouped_attention(query, keys, values, nheads, kvheads, p_dropout, scale_fa
     return out.transpose(1, 2).contiguous()
 
 
-def _fp32_scores(query) -> bool:
-    """A decode step of a bf16/fp16 model on the CPU: PyTorch's CPU SDPA kernel takes ~7x longer there than fp32
-    matmuls over the same cache (4.9 against 0.7 ms per layer, 8 rows of 1,536 positions), and is less exact."""
-    return query.device.type == "cpu" and query.dtype != torch.float32 and query.shape[2] <= FP32_SCORES_MAX_QUERIES
+def _fp32_scores(query, attend: str) -> bool:
+    """A decode step (``attend == "leading"``) of a bf16/fp16 model on the CPU: PyTorch's CPU SDPA kernel takes ~7x
+    longer there than fp32 matmuls over the same cache (4.9 against 0.7 ms per layer, 8 rows of 1,536 positions),
+    and is less exact. Chosen by the step, not by the number of queries, which is dynamic in compiled extend graphs:
+    a test of it would put a guard in them, which recompiles past it (and which took Dynamo's shape analysis over
+    half an hour to trace on the 256M shape)."""
+    return query.device.type == "cpu" and query.dtype != torch.float32 and attend == "leading"
 
 
 def _attention_with_fp32_scores(query, keys, values, mask, scale_factor):

@@ -286,7 +286,7 @@ def test_a_decode_step_in_half_precision_attends_in_fp32_at_least_as_exactly_as_
     mask = torch.arange(length)[None, None, :] < torch.tensor([5, 23, 40])[:, None, None]  # (rows, 1, length)
 
     def attend(q, k, v):
-        return _grouped_attention(q, k, v, heads, kv_heads, 0.0, None, mask=mask)
+        return _grouped_attention(q, k, v, heads, kv_heads, 0.0, None, mask=mask, attend="leading")
 
     exact = attend(query, keys, values)  # fp32: SDPA
     half = attend(query.to(dtype), keys.to(dtype), values.to(dtype)).float()
