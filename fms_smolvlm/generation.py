@@ -36,7 +36,7 @@ from fms.modules.attention import register_attention_op
 
 from fms_smolvlm.compiled import CompiledStep, CompiledSteps, artifact_key
 from fms_smolvlm.processing import SourceImage, tiles_from_sources
-from fms_smolvlm.smolvlm import SmolVLM
+from fms_smolvlm.smolvlm import SmolVLM, half_precision_on_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _fp32_scores(query, attend: str) -> bool:
     and is less exact. Chosen by the step, not by the number of queries, which is dynamic in compiled extend graphs:
     a test of it would put a guard in them, which recompiles past it (and which took Dynamo's shape analysis over
     half an hour to trace on the 256M shape)."""
-    return query.device.type == "cpu" and query.dtype != torch.float32 and attend == "leading"
+    return half_precision_on_cpu(query) and attend == "leading"
 
 
 def _attention_with_fp32_scores(query, keys, values, mask, scale_factor):

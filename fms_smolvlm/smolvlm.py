@@ -242,8 +242,13 @@ def _attends_by_matmuls(query: torch.Tensor, p_dropout: float) -> bool:
     patches where bf16 matmuls in chunks take 67 (AVX512-BF16, 2 cores; fp32 score matmuls would take 112). The
     scores' bf16 rounding moves the 256M vision features' error against fp32 from 1.158e-2 to 1.180e-2 (relative
     norm). Training keeps SDPA (dropout, and gradients through SDPA's backward rather than every chunk's scores)."""
-    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and p_dropout == 0
-            and not query.requires_grad)
+    return half_precision_on_cpu(query) and p_dropout == 0 and not query.requires_grad
+
+
+def half_precision_on_cpu(tensor: torch.Tensor) -> bool:
+    """Where PyTorch's CPU SDPA kernel is slow (it computes bf16 and fp16 at fp32 speed, or slower), and this
+    package's attention takes matmuls instead: here for the vision tower, in ``generation`` for decode steps."""
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16)
 
 
 @torch.library.custom_op("fms_smolvlm::attention_in_chunks", mutates_args=())
