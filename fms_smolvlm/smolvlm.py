@@ -23,6 +23,7 @@ from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
 from fms.models.llama import LLaMA, LLaMAConfig
 from fms.models.siglip_vision import SiglipEncoder, SiglipVisionConfig
 from fms.modules.attention import AttentionKwargs, get_attention_type, register_attention_op
+from fms.modules.feedforward import FeedForwardBlock
 from fms.modules.layernorm import LayerNormParameterized
 from fms.utils import serialization
 from fms.utils.config import ModelConfig
@@ -196,6 +197,41 @@ class TanhGELU(nn.GELU):
         return super().forward(x)
 
 
+# oneDNN computes bf16 here (natively, or emulated on AVX512 CPUs without it)
+MKLDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class SigLIPFeedForward(FeedForwardBlock):
+    """SigLIP's MLP with its tanh GELU. A bf16 tower's inference on the CPU runs the first linear and the GELU as one
+    oneDNN primitive, the GELU applied to the fp32 accumulator before the output is rounded to bf16 (HF rounds the
+    linear's output, then the GELU's: ours is the more exact): over 8 tiles of 1,024 patches 58 ms per layer
+    against 52 + 27 for the two (AVX512-BF16, 2 cores). Elsewhere FMS's modules, as HF computes them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = x.dtype == torch.bfloat16 and MKLDNN_BF16
+        if fused and _cpu_half_inference(x, self.w1.weight, p_dropout=self.p_dropout):
+            return self.w2(_linear_tanh_gelu(x, self.w1.weight, self.w1.bias))
+        return super().forward(x)
+
+
+def siglip_feed_forward(config: SiglipVisionConfig) -> SigLIPFeedForward:
+    return SigLIPFeedForward(config.hidden_size, hidden_grow_factor=config.intermediate_size / config.hidden_size,
+                             activation_fn=TanhGELU(), p_dropout=config.attention_dropout, use_bias=True,
+                             linear_config=config.linear_config)
+
+
+@torch.library.custom_op("fms_smolvlm::linear_tanh_gelu", mutates_args=())
+def _linear_tanh_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``gelu(x @ weight.T + bias, approximate="tanh")`` by oneDNN's inner product with a GELU post-op. An operator
+    of its own: Inductor lowers oneDNN's fused linears only for the weights it prepacks itself."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+
+
+@_linear_tanh_gelu.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 class SigLIPLayerNorm(LayerNormParameterized):
     """SigLIP's LayerNorm as HF computes it, ``F.layer_norm``: statistics and the affine in fp32, rounded once to the
     model's dtype. FMS's ``LayerNormParameterized`` subtracts the mean and applies the affine in the model's dtype
@@ -212,11 +248,6 @@ def siglip_layer_norm(config: SiglipVisionConfig) -> SigLIPLayerNorm:
 
 VISION_ATTENTION = "smolvlm_vision"
 
-# fp32 scores per chunk of (tile, head) pairs when a bf16/fp16 vision tower attends on the CPU by matmuls: one pair
-# of 1,024 patches at a time (67 ms per layer over 8 tiles, against 89 for pairs of two, whose scores outgrow the
-# caches, and 450 for all pairs at once, whose 400 MB glibc maps afresh and page-faults on every call)
-VISION_SCORES_CHUNK_BYTES = 4 * 2**20
-
 
 def _vision_store(keys, values, key_cache, value_cache, **attn_kwargs):
     """No cache: every tile attends to its own patches."""
@@ -226,23 +257,23 @@ def _vision_store(keys, values, key_cache, value_cache, **attn_kwargs):
 def _vision_attention(query, keys, values, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
     """Bidirectional attention of each tile's patches, given ``(tiles, patches, heads, dim)``; ``mask``
     ``(tiles, 1, patches)`` masks padded patches as keys."""
-    query, keys, values = query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
     mask = attn_kwargs.get("mask")
-    mask = None if mask is None else mask[:, None]
-    if _attends_by_matmuls(query, p_dropout):
+    if _cpu_half_inference(query, p_dropout=p_dropout):
         scale = scale_factor if scale_factor is not None else query.shape[-1] ** -0.5
-        out = _attention_in_chunks(query, keys, values, mask, scale)
-    else:
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=p_dropout, scale=scale_factor)
+        return _attention_by_pairs(query, keys, values, mask, scale)
+    query, keys, values = query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+    mask = None if mask is None else mask[:, None]
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=p_dropout, scale=scale_factor)
     return out.transpose(1, 2).contiguous()
 
 
-def _attends_by_matmuls(query: torch.Tensor, p_dropout: float) -> bool:
-    """A bf16/fp16 vision tower on the CPU: PyTorch's CPU flash kernel takes 142 ms per layer over 8 tiles of 1,024
-    patches where bf16 matmuls in chunks take 67 (AVX512-BF16, 2 cores; fp32 score matmuls would take 112). The
-    scores' bf16 rounding moves the 256M vision features' error against fp32 from 1.158e-2 to 1.180e-2 (relative
-    norm). Training keeps SDPA (dropout, and gradients through SDPA's backward rather than every chunk's scores)."""
-    return half_precision_on_cpu(query) and p_dropout == 0 and not query.requires_grad
+def _cpu_half_inference(tensor: torch.Tensor, *weights: torch.Tensor, p_dropout: float = 0.0) -> bool:
+    """A bf16/fp16 vision tower's inference on the CPU, which takes kernels of its own: attention by matmuls
+    (:func:`_attention_by_pairs`) and, in bf16, the MLP's first linear fused with its GELU
+    (:class:`SigLIPFeedForward`). Training keeps SDPA and the plain modules (dropout, and gradients through
+    SDPA's backward rather than every pair's scores)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (tensor, *weights))
+    return half_precision_on_cpu(tensor) and p_dropout == 0 and not needs_grad
 
 
 def half_precision_on_cpu(tensor: torch.Tensor) -> bool:
@@ -251,27 +282,30 @@ def half_precision_on_cpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16)
 
 
-@torch.library.custom_op("fms_smolvlm::attention_in_chunks", mutates_args=())
-def _attention_in_chunks(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor],
-                         scale: float) -> torch.Tensor:
-    """Scores by a bf16 matmul (fp32 accumulation, rounded once as HF's eager attention rounds them), softmax in
-    fp32, the weighted sum by a bf16 matmul; over a few (tile, head) pairs at a time. An operator of its own, so
-    that compiled graphs call it as it is (the loop over a dynamic tile count would not trace)."""
-    tiles, heads, patches, dim = query.shape
-    q, k, v = (t.reshape(tiles * heads, patches, dim) for t in (query, keys, values))
-    keep = None if mask is None else mask.expand(tiles, heads, 1, patches).reshape(tiles * heads, 1, patches)
-    chunk = max(1, VISION_SCORES_CHUNK_BYTES // (4 * patches * patches))
-    out = q.new_empty(q.shape)  # contiguous, as the fake kernel says (empty_like would keep a view's strides)
-    for start in range(0, tiles * heads, chunk):
-        pairs = slice(start, start + chunk)
-        scores = torch.bmm(q[pairs], k[pairs].transpose(1, 2)).float().mul_(scale)
-        if keep is not None:
-            scores.masked_fill_(~keep[pairs], float("-inf"))
-        torch.bmm(scores.softmax(-1).to(q.dtype), v[pairs], out=out[pairs])
-    return out.view(tiles, heads, patches, dim)
+@torch.library.custom_op("fms_smolvlm::attention_by_pairs", mutates_args=())
+def _attention_by_pairs(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor],
+                        scale: float) -> torch.Tensor:
+    """Attention as HF's eager attention computes it in bf16, one (tile, head) pair at a time, on the strided
+    ``(tiles, patches, heads, dim)`` views of the fused projection (no copies): the scores by a matmul with fp32
+    accumulation, scaled there and rounded once (HF scales the rounded scores; the same bits when the scale is a
+    power of two, as SigLIP's 64-dim heads make it), a softmax computed in fp32 and rounded once, the weighted sum
+    by a matmul. PyTorch's CPU flash kernel takes 142 ms per layer over 8 tiles of 1,024 patches, this 60
+    (AVX512-BF16, 2 cores; scores upcast to fp32 around the softmax, 86). An operator of its own, so that
+    compiled graphs call it as it is (the loop over a dynamic tile count would not trace)."""
+    tiles, patches, heads, dim = query.shape
+    out = query.new_empty(query.shape)
+    no_bias = query.new_zeros(())
+    for tile in range(tiles):
+        padded = None if mask is None else ~mask[tile, 0]
+        for head in range(heads):
+            scores = torch.addmm(no_bias, query[tile, :, head], keys[tile, :, head].t(), beta=0, alpha=scale)
+            if padded is not None:
+                scores.masked_fill_(padded, float("-inf"))
+            out[tile, :, head] = torch.mm(scores.softmax(-1), values[tile, :, head])
+    return out
 
 
-@_attention_in_chunks.register_fake
+@_attention_by_pairs.register_fake
 def _(query, keys, values, mask, scale):
     return query.new_empty(query.shape)
 
@@ -287,9 +321,9 @@ class SmolVLMVisionTransformer(nn.Module):
         self.config = config
         self.embeddings = SmolVLMVisionEmbeddings(config)
         self.encoder = SiglipEncoder(config)
-        for layer in self.encoder.layers:  # FMS builds the activation as a plain nn.GELU(approximate="tanh")
+        for layer in self.encoder.layers:  # FMS builds SigLIP's MLP with a plain nn.GELU(approximate="tanh")
             if isinstance(layer.mlp.a, nn.GELU) and layer.mlp.a.approximate == "tanh":
-                layer.mlp.a = TanhGELU()
+                layer.mlp = siglip_feed_forward(config)
             layer.layer_norm1, layer.layer_norm2 = siglip_layer_norm(config), siglip_layer_norm(config)
         self.post_layernorm = siglip_layer_norm(config)
 

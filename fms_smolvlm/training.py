@@ -144,7 +144,8 @@ def fsdp_wrap(
 ) -> FullyShardedDataParallel:
     """Shard a loaded SmolVLM over the default process group, as FMS's ``get_model(distributed_strategy="fsdp")``
     does: FSDP1 ``FullyShardedDataParallel`` with FMS's auto-wrap policy, whose units are every class named like a
-    layer or block (here ``SiglipEncoderLayer``, its ``FeedForwardBlock``, ``LLaMABlock``) plus the root for the rest.
+    layer or block, or derived from one (here ``SiglipEncoderLayer``, its MLP, a ``FeedForwardBlock``, and
+    ``LLaMABlock``), plus the root for the rest.
 
     Where this differs from FMS's wrapper, and why:
     * FMS passes ``device_id=device.index``, which is None for a CPU device, and FSDP1 then looks for an accelerator

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fms.models import get_model
+from fms.models.siglip_vision import SiglipVisionConfig
 
 from fms_smolvlm import Captioner, smolvlm
 from fms_smolvlm.processing import SmolVLMPreprocessor
@@ -71,34 +72,57 @@ def test_uint8_tiles_are_normalised_in_fp32_then_cast(checkpoint):
     assert not torch.equal(model.normalize_pixels(tiles), ((tiles.to(torch.bfloat16) / 255 - 0.5) / 0.5))
 
 
-def test_bf16_vision_attention_on_the_cpu_by_chunks_of_matmuls(monkeypatch):
-    """The CPU's bf16 vision attention runs as matmuls over a few (tile, head) pairs at a time: chunks that cut across
-    tiles, a tile's padded patches masked as keys, each pair as SDPA in fp32 over the same bf16 inputs (up to the
-    scores' bf16 rounding), and masked keys carrying no weight at all."""
-    monkeypatch.setattr(smolvlm, "VISION_SCORES_CHUNK_BYTES", 3 * 4 * 16 * 16)  # 3 pairs of 16 patches per chunk
-    tiles, patches, heads, dim = 3, 16, 4, 8
+def test_bf16_vision_attention_on_the_cpu_is_hfs_eager_attention():
+    """The CPU's bf16 vision attention runs as matmuls, one (tile, head) pair at a time, on the strided views of the
+    fused projection: the bits of HF's eager attention in bf16 (scores rounded, scaled by a power of two, softmax in
+    fp32 rounded once, weighted sum), a tile's padded patches masked as keys and carrying no weight at all."""
+    tiles, patches, heads, dim = 3, 16, 4, 64
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(tiles, patches, heads, dim, generator=generator).bfloat16() for _ in range(3))
+    fused = torch.randn(tiles, patches, 3 * heads * dim, generator=generator).bfloat16()
+    q, k, v = (t.view(tiles, patches, heads, dim) for t in fused.split(heads * dim, dim=-1))
     mask = torch.ones(tiles, 1, patches, dtype=torch.bool)
     mask[1, :, 10:] = False
-    assert smolvlm._attends_by_matmuls(q.transpose(1, 2), 0.0)
+    assert smolvlm._cpu_half_inference(q)
     out = smolvlm._vision_attention(q, k, v, heads, heads, 0.0, dim**-0.5, mask=mask)
-    expected = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=mask[:, None],
-                                              scale=dim**-0.5).transpose(1, 2)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
+    scores = (q_ @ k_.transpose(-1, -2)) * dim**-0.5  # HF's eager_attention_forward
+    scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
+    expected = (scores.softmax(-1, dtype=torch.float32).to(torch.bfloat16) @ v_).transpose(1, 2)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape and out.is_contiguous()
+    assert torch.equal(out, expected)
     k[1, 10:], v[1, 10:] = 7.0, -7.0
     assert torch.equal(smolvlm._vision_attention(q, k, v, heads, heads, 0.0, dim**-0.5, mask=mask), out)
 
 
-def test_vision_attention_operator_is_what_compiled_graphs_expect():
-    """Compiled graphs call the chunked attention as an operator and trust its fake kernel's output layout, also for
-    one tile, whose query, keys and values are views of one fused projection."""
+def test_bf16_vision_mlp_on_the_cpu_rounds_once():
+    """The CPU's bf16 vision MLP fuses its first linear with the GELU (oneDNN, on the fp32 accumulator): at most one
+    bf16 step from the fp32 result, and closer to it than HF's two roundings (the linear's output, then the GELU's)."""
+    mlp = smolvlm.siglip_feed_forward(SiglipVisionConfig(hidden_size=64, intermediate_size=256)).bfloat16()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+        exact = F.gelu(F.linear(x.float(), mlp.w1.weight.float(), mlp.w1.bias.float()), approximate="tanh")
+        fused = smolvlm._linear_tanh_gelu(x, mlp.w1.weight, mlp.w1.bias)
+        twice_rounded = F.gelu(mlp.w1(x), approximate="tanh")
+        assert torch.equal(mlp(x), mlp.w2(fused))
+    assert ((fused.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    assert (fused.float() - exact).abs().mean() < (twice_rounded.float() - exact).abs().mean()
+    assert not smolvlm._cpu_half_inference(x, mlp.w1.weight)  # with gradients: FMS's plain modules
+
+
+def test_vision_operators_are_what_compiled_graphs_expect():
+    """Compiled graphs call the CPU's bf16 vision attention and MLP as operators and trust their fake kernels'
+    outputs, also for one tile, whose query, keys and values are views of one fused projection."""
     fused = torch.randn(1, 64, 3 * 64).bfloat16()
-    q, k, v = (t.view(1, 64, 4, 16).transpose(1, 2) for t in fused.split(64, dim=-1))
-    mask = torch.ones(1, 1, 1, 64, dtype=torch.bool)
-    for args in [(q, k, v, None, 0.25), (q, k, v, mask, 0.25)]:
-        checks = torch.library.opcheck(torch.ops.fms_smolvlm.attention_in_chunks.default, args)
+    q, k, v = (t.view(1, 64, 4, 16) for t in fused.split(64, dim=-1))
+    mask = torch.ones(1, 1, 64, dtype=torch.bool)
+    weight, bias = torch.randn(32, 64).bfloat16(), torch.randn(32).bfloat16()
+    cases = [(torch.ops.fms_smolvlm.attention_by_pairs.default, (q, k, v, None, 0.25)),
+             (torch.ops.fms_smolvlm.attention_by_pairs.default, (q, k, v, mask, 0.25)),
+             (torch.ops.fms_smolvlm.linear_tanh_gelu.default, (fused[..., :64], weight, bias))]
+    for op, args in cases:
+        checks = torch.library.opcheck(op, args)
         assert set(checks.values()) == {"SUCCESS"}, checks
 
 

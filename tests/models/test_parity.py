@@ -8,7 +8,8 @@ from transformers import AutoModelForImageTextToText
 
 from fms_smolvlm.hf_api import real_tiles
 from fms_smolvlm import smolvlm
-from fms_smolvlm.smolvlm import TanhGELU, attention_mask_3d, patch_mask_from_pixel_mask, pixel_shuffle
+from fms_smolvlm.smolvlm import (SigLIPFeedForward, TanhGELU, attention_mask_3d, patch_mask_from_pixel_mask,
+                                 pixel_shuffle)
 from tests.conftest import CHECKPOINT_CONFIGS, random_image
 from tests.hf_reference import generate_position_ids, hf_inputs, hf_model, hf_processor
 
@@ -90,9 +91,9 @@ def test_vision_tower_on_partially_padded_tile(checkpoint):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_vision_tower_is_hfs_bit_for_bit_under_sdpa(checkpoint, monkeypatch, dtype):
     """Same weights, same tiles (whole and padded): the same bits as HF's SDPA vision tower, in fp32 and in bf16 (our
-    norms are HF's ``F.layer_norm``). A bf16 tower on the CPU attends by matmuls instead, which rounds the scores to
-    bf16 (test_dtypes); it is made to take SDPA here, as it does on a GPU."""
-    monkeypatch.setattr(smolvlm, "_attends_by_matmuls", lambda query, p_dropout: False)
+    norms are HF's ``F.layer_norm``). A bf16 tower's inference on the CPU takes kernels of its own instead, which
+    round differently (test_dtypes); it is made to take SDPA and the plain MLP here, as it does on a GPU."""
+    monkeypatch.setattr(smolvlm, "_cpu_half_inference", lambda *tensors, p_dropout=0.0: False)
     ours = get_model("hf_pretrained", model_path=str(checkpoint), data_type=dtype).eval()
     hf = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
     size, patch = ours.config.vision_config.image_size, ours.config.vision_config.patch_size
@@ -122,7 +123,8 @@ def test_tanh_gelu_is_torchs_eager_and_within_float_rounding_compiled():
 def test_compiled_vision_tower_matches_hf(checkpoint):
     hf = hf_model(checkpoint)
     ours = get_model("hf_pretrained", model_path=str(checkpoint)).eval()
-    assert all(isinstance(layer.mlp.a, TanhGELU) for layer in ours.vision_tower.encoder.layers)
+    assert all(isinstance(layer.mlp, SigLIPFeedForward) and isinstance(layer.mlp.a, TanhGELU)
+               for layer in ours.vision_tower.encoder.layers)
     size = ours.config.vision_config.image_size
     pixels = torch.rand(5, 3, size, size) * 2 - 1
     with torch.no_grad():
