@@ -19,7 +19,8 @@ Two workloads (random weights; inputs are preprocessed once up front, timings co
     python benchmarks/generate.py --device cuda --config 256m --batch-sizes 32 128 --images 256
 
 The vision tower is timed on its own too (ms per tile: HF, the engine eager and compiled), beside its floor measured
-in the same run in the same dtype: a bare loop of its matmuls over the same tiles.
+in the same run in the same dtype: a bare loop of its linears over the same tiles, plus attention's matmuls (scores
+and weighted sums) at the linears' rate.
 
 Greedy tokens are compared with HF's on the fixed workload (they must be identical).
 """
@@ -201,14 +202,20 @@ def prefill_floor(captioner: Captioner, samples, device: torch.device) -> float:
         return timed(run, device, repeats=3)
 
 
-def vision_floor(model, tiles: int) -> float:
-    """Seconds for the vision tower's and connector's matmuls alone over ``tiles`` tiles, in the model's dtype (every
-    linear weight over every patch, as one call per weight): attention, norms and activations are left out."""
+def vision_floor(model, tiles: int) -> tuple[float, float]:
+    """Seconds for the vision tower's and connector's matmuls alone over ``tiles`` tiles, in the model's dtype: the
+    linears timed as a bare loop (every weight over every patch, one call per weight), and attention's matmuls
+    (scores and weighted sum per tile and head) counted at the linears' rate. (A bare loop of those small-K matmuls
+    is no floor: in fp32 it runs at half the linears' rate, slower than SDPA's own kernel.) Norms, activations
+    and the softmax are left out. Returns (linears, attention's matmuls)."""
     vision = model.config.vision_config
-    patches = tiles * (vision.image_size // vision.patch_size) ** 2
+    patches_per_tile = (vision.image_size // vision.patch_size) ** 2
+    patches = tiles * patches_per_tile
     work = [(m.weight, patches) for m in model.vision_tower.modules() if isinstance(m, torch.nn.Linear)]
     work += [(model.connector.proj.weight, patches // model.config.scale_factor**2)]
     inputs = [torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device) for weight, rows in work]
+    linear_flops = sum(2 * rows * weight.numel() for weight, rows in work)
+    attention_flops = tiles * vision.nlayers * 4 * patches_per_tile**2 * vision.hidden_size
 
     def run():
         for (weight, _), x in zip(work, inputs):
@@ -216,7 +223,8 @@ def vision_floor(model, tiles: int) -> float:
 
     with torch.no_grad():
         run()
-        return timed(run, model.device, repeats=3)
+        linears = timed(run, model.device, repeats=3)
+        return linears, linears * attention_flops / linear_flops
 
 
 def vision(path: Path, captioners: list, dtype: torch.dtype, device: torch.device, tiles: int, repeats: int) -> None:
@@ -235,9 +243,11 @@ def vision(path: Path, captioners: list, dtype: torch.dtype, device: torch.devic
     for captioner in captioners:
         label = "engine, compiled" if captioner.engine.compiled is not None else "engine, eager"
         rows.append((label, lambda c=captioner: c.engine._vision(c.model, pixels)))
-    floor = vision_floor(captioners[0].model, tiles)
+    linears, attention = vision_floor(captioners[0].model, tiles)
+    floor = linears + attention
     print(f"vision tower + connector over {tiles} tiles, {dtype}: ms per tile (median of {repeats}); matmul floor "
-          f"{1e3 * floor / tiles:.1f} ms per tile")
+          f"{1e3 * floor / tiles:.1f} ms per tile (linears {1e3 * linears / tiles:.1f}, attention's matmuls "
+          f"{1e3 * attention / tiles:.1f})")
     with torch.no_grad():
         for name, fn in rows:
             fn()
