@@ -11,6 +11,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -490,23 +491,29 @@ def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources,
         storage_options=config.storage_options,
         store_retry_seconds=config.store_retry_seconds,
     )
-    return dataset.map_batches(
-        CaptionActor,
-        batch_format="pyarrow",
-        batch_size=resources.batch_size,
-        # a fixed pool, all replicas started up front; each serves several batches at once (an async UDF)
-        compute=ray.data.ActorPoolStrategy(
-            size=resources.replicas,
-            max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
-            max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
-        ),
-        num_cpus=1,  # what _check_capacity counts on
-        num_gpus=1 if resources.device == "cuda" else 0,
-        # replicas spread over the nodes; and an op with its own remote-arguments function is never fused with
-        # another, so Ray cannot fold the preprocessing into the replicas, where decoding images would stall them
-        ray_remote_args_fn=_spread,
-        fn_constructor_kwargs={"settings": replica},
-    )
+    # Ray 2.60 deprecates ray_remote_args_fn (to go in 2.64) with nothing that replaces what it does here: the named
+    # remote parameters could keep the operators apart only by changing what the replicas reserve. Ray is pinned to
+    # 2.60 and test_preprocessing_never_runs_in_the_replicas catches an upgrade that changes this, so the warning,
+    # meant for us, stays out of every user's job log.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated", category=DeprecationWarning)
+        return dataset.map_batches(
+            CaptionActor,
+            batch_format="pyarrow",
+            batch_size=resources.batch_size,
+            # a fixed pool, all replicas started up front; each serves several batches at once (an async UDF)
+            compute=ray.data.ActorPoolStrategy(
+                size=resources.replicas,
+                max_tasks_in_flight_per_actor=BATCHES_IN_FLIGHT,
+                max_concurrent_calls_per_actor=BATCHES_IN_FLIGHT,
+            ),
+            num_cpus=1,  # what _check_capacity counts on
+            num_gpus=1 if resources.device == "cuda" else 0,
+            # replicas spread over the nodes; and an op with its own remote-arguments function is never fused with
+            # another, so Ray cannot fold the preprocessing into the replicas, where decoding images would stall them
+            ray_remote_args_fn=_spread,
+            fn_constructor_kwargs={"settings": replica},
+        )
 
 
 def _spread() -> dict:
