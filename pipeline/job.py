@@ -454,8 +454,9 @@ def build_dataset(config: JobConfig, pending: list[Shard], resources: Resources,
         read_shards,
         batch_size=1,
         batch_format="pyarrow",
-        # a few shards read at a time: they complete (and commit) in order instead of all at the end
-        compute=ray.data.TaskPoolStrategy(size=2 * resources.replicas),
+        # a few shards read at a time: they complete (and commit) in order instead of all at the end; never more
+        # tasks than shards (Ray warns the user of a pool larger than its inputs)
+        compute=ray.data.TaskPoolStrategy(size=min(2 * resources.replicas, len(pending))),
         fn_kwargs={
             "storage_options": config.storage_options,
             "image_column": config.image_column,

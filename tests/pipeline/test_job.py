@@ -2,8 +2,10 @@
 
 import io
 import json
+import os
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -273,6 +275,23 @@ def test_a_second_run_on_a_leased_output_is_refused(run_job, tmp_path, capsys):
         assert "lease: " in capsys.readouterr().out
     assert not (tmp_path / "output" / "shards").exists()
     assert run_job(tmp_path / "input", output) == 0  # released: the next run proceeds
+
+
+def test_a_one_shard_run_shows_its_user_no_warnings(run_job, tmp_path):
+    """Nothing in a clean run should make its user wonder: no warning from the job's code (Ray's deprecation of
+    ``ray_remote_args_fn`` is a note to us) and none from Ray about the pools we size (a read pool larger than the
+    shards). Ray's deprecation warnings about its own internals name Ray's files; Python's default filters keep those
+    quiet, so they are not counted."""
+    import ray
+
+    write_sample_shards(tmp_path / "input", shards=1, images_per_shard=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_job(tmp_path / "input", tmp_path / "output") == 0
+    rays_own = os.path.dirname(ray.__file__)
+    shown = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught
+             if not (issubclass(w.category, DeprecationWarning) and w.filename.startswith(rays_own))]
+    assert shown == []
 
 
 UNREACHABLE = '{"key": "a", "secret": "b", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}'
